@@ -1,0 +1,188 @@
+"""``flow_step``: one batched denoising transition (ODE, Flow-SDE or Flow-Noise) with its
+Gaussian log-prob, fused into one pass over ``(B, H, D)``.
+
+Layers: the kernels (``reference.flow_step_ref``, ``triton_kernels.flow_step_fwd``,
+``flowkernels._C.flow_step_fwd_{cpu,cuda}``), the ``torch.library`` op
+``flowkernels::flow_step_fwd`` (so it runs under ``torch.compile`` and in CUDA graphs), and
+the functional entry point :func:`flow_step`.
+
+The op is a rollout op and is not differentiable; gradients of log-probs under new weights go
+through :func:`flowkernels.chain_logprob`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from flowkernels._backend import backend_module, resolve_backend
+from flowkernels._checks import (
+    check_positive,
+    check_range,
+    check_same_dtype,
+    check_tensor,
+    normalize_masks,
+    nvtx_range,
+    prepare_contiguous,
+)
+from flowkernels.ops.reference import MODES, sde_coefficients
+
+__all__ = ["FlowStepResult", "flow_step"]
+
+
+@torch.library.custom_op("flowkernels::flow_step_fwd", mutates_args=())
+def _flow_step_op(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor,
+    dt: float,
+    mode: int,
+    noise: torch.Tensor | None,
+    std: torch.Tensor | None,
+    seed: int,
+    offset: int,
+    noise_level: float,
+    sm: torch.Tensor,
+    dm: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with nvtx_range("flowkernels.flow_step"):
+        return backend_module(backend).flow_step_fwd(x, v, t, dt, mode, noise, std, seed, offset, noise_level, sm, dm)
+
+
+@_flow_step_op.register_fake
+def _(x, v, t, dt, mode, noise, std, seed, offset, noise_level, sm, dm, backend):
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_next = x.new_empty((0,)) if mode == 0 else torch.empty_like(x)
+    return torch.empty_like(x), x_next, x.new_empty((x.shape[0],), dtype=stat)
+
+
+class FlowStepResult(NamedTuple):
+    """Outputs of :func:`flow_step`.
+
+    Attributes:
+        x_next: ``(B, H, D)`` the state at ``t − dt`` (for ``ode`` the same tensor as ``mean``).
+        mean: ``(B, H, D)`` the transition mean μ.
+        std: the transition std, broadcastable to ``(B, H, D)``: ``(B, 1, 1)`` float32 for
+            ``ode`` (zeros) and ``sde`` (``σ_t·√dt``), the given ``(B, H, D)`` std for ``noise``.
+        logp: ``(B,)`` float32 (float64 for float64 inputs), ``Σ`` over masked elements of
+            ``log N(x_next; mean, std²)``; zeros for ``ode``.
+    """
+
+    x_next: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    logp: torch.Tensor
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    dev = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (), generator=generator, device=dev).item())
+
+
+def flow_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    t: float | torch.Tensor,
+    dt: float,
+    mode: str = "ode",
+    *,
+    noise: torch.Tensor | None = None,
+    noise_level: float = 0.5,
+    std: torch.Tensor | None = None,
+    dim_mask: torch.Tensor | None = None,
+    step_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    backend: str = "auto",
+) -> FlowStepResult:
+    """One denoising transition ``t → t − dt`` for a batch of action chunks (DESIGN §1).
+
+    * ``ode``: ``x' = x − dt·v``.
+    * ``sde`` (Flow-SDE): ``μ = (1 − t')·Â0 + (t' − σ_t²·dt/(2t))·Â1`` with ``t' = t − dt``,
+      ``Â0 = x − t·v``, ``Â1 = x + (1 − t)·v``, ``σ_t = a·sqrt(t/(1 − t*))``,
+      std ``σ_t·√dt``; ``x' = μ + std·ε``.
+    * ``noise`` (Flow-Noise): ``μ = x − dt·v``, std given per element; ``x' = μ + std·ε``.
+
+    Args:
+        x: ``(B, H, D)`` current state ``x_t``; v: ``(B, H, D)`` velocity ``v(x_t, t)``.
+        t: float or ``(B,)`` current time(s) in ``[0, 1]`` (``(0, 1]`` for sde).
+        dt: step size, ``> 0`` (``≤ t`` for sde).
+        mode: ``"ode" | "sde" | "noise"``.
+        noise: ``(B, H, D)`` standard-normal ``ε``; if None it is drawn inside the kernel from
+            ``(seed, offset)`` (see :mod:`flowkernels.random`; element ``i`` uses counter
+            ``offset + i``, so advance ``offset`` by ``B·H·D`` between calls with one seed).
+            Without ``seed``, a seed is drawn from ``generator`` (or torch's default generator).
+        noise_level: Flow-SDE noise level ``a ≥ 0``.
+        std: ``(B, H, D)`` per-element std ``> 0`` for mode ``noise``.
+        dim_mask: ``(D,)`` or ``(B, D)``; step_mask: ``(H,)`` or ``(B, H)`` — bool or 0/1
+            weights selecting the elements summed in ``logp``.
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
+
+    Returns:
+        :class:`FlowStepResult` ``(x_next, mean, std, logp)``.
+    """
+    op = "flow_step"
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {tuple(MODES)}, got {mode!r}")
+    m = MODES[mode]
+    check_tensor(op, "x", x, (None, None, None), ("B", "H", "D"))
+    B, H, D = x.shape
+    dev = x.device
+    check_tensor(op, "v", v, (B, H, D), ("B", "H", "D"), device=dev)
+    check_same_dtype(op, "x", x, v=v, noise=noise, std=std)
+    if noise is not None:
+        check_tensor(op, "noise", noise, (B, H, D), ("B", "H", "D"), device=dev)
+    if m == 2:
+        if std is None:
+            raise ValueError(f"{op}: mode 'noise' needs std of shape (B={B}, H={H}, D={D})")
+        check_tensor(op, "std", std, (B, H, D), ("B", "H", "D"), device=dev)
+        check_positive(op, "std", std)
+    elif std is not None:
+        raise ValueError(f"{op}: std is only used by mode 'noise' (mode is {mode!r})")
+    if not isinstance(dt, (int, float)) or isinstance(dt, bool):
+        raise TypeError(f"{op}: dt must be a Python float, got {type(dt).__name__}")
+    dt = float(dt)
+    if not dt > 0:
+        raise ValueError(f"{op}: dt must be > 0, got {dt}")
+    if noise_level < 0:
+        raise ValueError(f"{op}: noise_level must be >= 0, got {noise_level}")
+    t_lo = dt - 1e-6 if m == 1 else 0.0
+    if isinstance(t, torch.Tensor):
+        check_tensor(op, "t", t, (B,), ("B",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                     device=dev)
+        t_vec = t.to(torch.float32).contiguous()
+        check_range(op, "t", t_vec, max(t_lo, 0.0), 1.0, lo_open=m == 1)
+    else:
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            raise TypeError(f"{op}: t must be a float or a (B,) tensor, got {type(t).__name__}")
+        check_range(op, "t", float(t), max(t_lo, 0.0), 1.0, lo_open=m == 1)
+        t_vec = torch.full((B,), float(t), dtype=torch.float32, device=dev)
+    if m == 1 and not isinstance(t, torch.Tensor) and float(t) < dt - 1e-6:
+        raise ValueError(f"{op}: sde needs dt <= t (got t={t}, dt={dt})")
+    sm, dm = normalize_masks(op, dim_mask, step_mask, B, H, D, dev)
+    if m != 0 and noise is None:
+        if seed is None:
+            seed = _draw_seed(generator)
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
+        if not 0 <= int(offset) < 2**62:
+            raise ValueError(f"{op}: offset must be in [0, 2**62), got {offset}")
+    name = resolve_backend(backend, dev)
+    x, v, noise, std_c = prepare_contiguous(op, name, backend, x=x, v=v, noise=noise, std=std)
+    with torch.no_grad():
+        mean, x_next, logp = _flow_step_op(
+            x.detach(), v.detach(), t_vec, dt, m, None if noise is None else noise.detach(),
+            None if std_c is None else std_c.detach(), int(seed or 0), int(offset), float(noise_level), sm, dm, name,
+        )
+    if m == 0:
+        x_next = mean
+        std_out = torch.zeros(B, 1, 1, dtype=torch.float32, device=dev)
+    elif m == 1:
+        _, _, s = sde_coefficients(t_vec, dt, float(noise_level))
+        std_out = s.view(B, 1, 1)
+    else:
+        std_out = std
+    return FlowStepResult(x_next, mean, std_out, logp)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment and installs flowkernels into it, building the
+# C++ (and, with a CUDA torch and nvcc, the CUDA) extension.
+#   VENV=.venv  FRESH=1 (recreate)  TORCH_SPEC=torch==2.13.0 (CPU build on the dev/CI machines)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ "${FRESH:-0}" = "1" ]; then rm -rf "$VENV"; fi
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+# torch is pinned and installed first: an unpinned torch may pull a multi-GB CUDA build, and
+# the extension must be built against the torch it runs with (--no-build-isolation).
+python -m pip install -q "$TORCH_SPEC" setuptools wheel ninja
+python -m pip install -q --no-build-isolation -e ".[dev]"
+python -c "import flowkernels, flowkernels._C as C; print('flowkernels', flowkernels.__version__, 'backends:', flowkernels.available_backends(), 'cuda kernels:', C.has_cuda)"

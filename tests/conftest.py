@@ -1,0 +1,77 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels run in the interpreter, which must be switched on before any
+``@triton.jit`` function is defined, i.e. before flowkernels is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; the CPU twin of this test runs the C++, Triton-interpreter and torch paths")
+
+# (backend, device) pairs every test runs on: all of them must be available where they apply.
+CPU_BACKENDS = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu")]
+GPU_BACKENDS = [("torch", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+ALL_BACKENDS = [pytest.param(b, d, id=f"{b}-{d}") for b, d in CPU_BACKENDS] + [
+    pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.gpu, requires_cuda]) for b, d in GPU_BACKENDS
+]
+KERNEL_BACKENDS = [p for p in ALL_BACKENDS if p.values[0] != "torch"]
+
+LOWP = (torch.bfloat16, torch.float16)
+ULP = {torch.float32: 2.0**-23, torch.float64: 2.0**-52, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_error_rule(
+    out: torch.Tensor,
+    oracle: torch.Tensor,
+    lowp: torch.Tensor,
+    what: str,
+    factor: float = 2.0,
+    floor_rel: float = 1e-6,
+) -> None:
+    """flash-attention's rule: ``err(kernel) ≤ factor·err(torch in the same precision) + floor``.
+
+    ``floor = floor_rel·(1 + max|oracle|)`` absorbs the last-bit differences of rounding the
+    result to a low-precision dtype.
+    """
+    assert out.shape == oracle.shape, f"{what}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    assert torch.isfinite(out.double()).all(), f"{what}: non-finite output"
+    err, err_lp = max_err(out, oracle), max_err(lowp, oracle)
+    floor = floor_rel * (1.0 + oracle.double().abs().max().item())
+    assert err <= factor * err_lp + floor, (
+        f"{what}: err {err:.3e} > {factor}·err_torch {err_lp:.3e} + floor {floor:.1e}"
+    )
+
+
+def floor_for(dtype: torch.dtype) -> float:
+    """A floor of about one unit in the last place of ``dtype`` (fp32 sums get a little more)."""
+    return {torch.float32: 2e-6, torch.float64: 1e-12}.get(dtype, 2 * ULP[dtype])
+
+
+def make_masks(B: int, H: int, D: int, kind: str, device: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``none``: no masks; ``shared``: (D,) bool dims / (H,) bool steps; ``batch``: (B, ·) masks."""
+    if kind == "none":
+        return None, None
+    g = torch.Generator().manual_seed(B * 1000 + H * 10 + D)
+    if kind == "shared":
+        dim_mask = torch.arange(D) < max(1, (D * 2) // 3)
+        step_mask = torch.arange(H) < max(1, H - 2)
+        return dim_mask.to(device), step_mask.to(device)
+    dim_mask = (torch.rand(B, D, generator=g) > 0.3).float()
+    dim_mask[:, 0] = 1.0
+    step_mask = (torch.rand(B, H, generator=g) > 0.2).float()
+    step_mask[:, 0] = 1.0
+    return dim_mask.to(device), step_mask.to(device)
