@@ -82,14 +82,11 @@ def _why_unavailable(name: str, device: torch.device) -> str:
             return "flowkernels._C was built without CUDA kernels (CPU torch or no nvcc at build time)"
         return ""
     if name == "triton":
-        mod, why = _load_triton()
-        if mod is None:
-            return why
         if device.type == "cpu" and not triton_interpreter():
             return "backend 'triton' on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 before import"
         if device.type not in ("cpu", "cuda"):
             return f"backend 'triton' does not support device {device}"
-        return ""
+        return _load_triton()[1]
     return f"unknown backend {name!r}; expected one of {BACKENDS}"
 
 

@@ -15,6 +15,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import flowkernels._backend  # noqa: E402
+
+# load the Triton kernels now, in interpreter mode, before any test patches TRITON_INTERPRET
+flowkernels._backend._load_triton()
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; the CPU twin of this test runs the C++, Triton-interpreter and torch paths")
 
