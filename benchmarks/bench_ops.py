@@ -103,7 +103,7 @@ def _commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=Path(__file__).parent).stdout.strip()
         return sha + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - not a git checkout
+    except Exception:
         return "unknown"
 
 
@@ -185,14 +185,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             nbytes = case.bytes_moved(B, torch.finfo(dtype).bits // 8)
             eager_ms = None
             for prov in providers:
+                run = case.run
                 if prov == "eager":
-                    fn = lambda a=inputs: case.run(a, "torch")  # noqa: E731
+                    fn = lambda a=inputs, run=run: run(a, "torch")  # noqa: E731
                 elif prov == "compile":
                     torch._dynamo.reset()
-                    compiled = torch.compile(lambda a: case.run(a, "torch"), dynamic=False)
+                    compiled = torch.compile(lambda a, run=run: run(a, "torch"), dynamic=False)
                     fn = lambda a=inputs, c=compiled: c(a)  # noqa: E731
                 else:
-                    fn = lambda a=inputs, be=prov: case.run(a, be)  # noqa: E731
+                    fn = lambda a=inputs, be=prov, run=run: run(a, be)  # noqa: E731
                 if dev == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 med, p20, p80 = quantiles(_time(fn, dev, budget_s=args.budget))

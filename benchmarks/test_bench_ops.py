@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_ops import CASES
 
 import flowkernels as fk
-from bench_ops import CASES
 
 B = 256
 

@@ -27,7 +27,7 @@ PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 _MASK32 = 0xFFFFFFFF
 
-__all__ = ["philox4x32", "philox_normal", "PHILOX_ROUNDS"]
+__all__ = ["PHILOX_ROUNDS", "philox4x32", "philox_normal"]
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,15 +13,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import flowkernels._backend  # noqa: E402
+import flowkernels._backend
 
 # load the Triton kernels now, in interpreter mode, before any test patches TRITON_INTERPRET
 flowkernels._backend._load_triton()
 
 HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; the CPU twin of this test runs the C++, Triton-interpreter and torch paths")
+requires_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA GPU; the CPU twins run the C++, Triton-interpreter and torch paths"
+)
 
 # (backend, device) pairs every test runs on: all of them must be available where they apply.
 CPU_BACKENDS = [("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu")]

@@ -40,7 +40,7 @@ def _inputs(B, K, H, D, mode, dtype, device, seed=0):
 
 
 def _ref_terms(chain, v, t_grid, mode, std, steps, include_initial, dim_mask, step_mask, upcast):
-    B, K1, H, D = chain.shape
+    B, _, H, D = chain.shape
     sm, dm = fk._checks.normalize_masks("t", dim_mask, step_mask, B, H, D, chain.device)
     return R.chain_logprob_ref(chain, v, t_grid, R.MODES[mode], std, steps, include_initial, 0.5, sm, dm,
                                upcast=upcast), (sm, dm)

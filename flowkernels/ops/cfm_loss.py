@@ -23,7 +23,7 @@ from flowkernels._checks import (
     prepare_contiguous,
 )
 
-__all__ = ["CFMLossFunction", "CFMInterpolateFunction", "cfm_interpolate", "cfm_loss", "fpo_ratio"]
+__all__ = ["CFMInterpolateFunction", "CFMLossFunction", "cfm_interpolate", "cfm_loss", "fpo_ratio"]
 
 
 def _stat(dtype: torch.dtype) -> torch.dtype:

@@ -148,7 +148,7 @@ def _chain_mean_std(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-step (mean, s, dmean/dv, x_next) of a stored chain, ``(B, K, H, D)`` each
     (``K = 1`` when ``steps`` selects one step per sample)."""
-    B, K1, H, D = chain.shape
+    B, K1 = chain.shape[:2]
     K = K1 - 1
     tg = t_grid.to(acc)
     if steps is None:
@@ -202,7 +202,7 @@ def chain_logprob_ref(
         only column ``k*+1`` is non-zero).
     """
     acc = _acc(upcast, chain.dtype)
-    B, K1, H, D = chain.shape
+    B, K1 = chain.shape[:2]
     w = element_weight(sm, dm, acc)
     if include_initial:
         x0 = chain[:, 0].to(acc)
@@ -242,7 +242,7 @@ def chain_logprob_bwd_ref(
     ``grad_std`` of ``std``'s (None without std).
     """
     acc = _acc(upcast, chain.dtype)
-    B, K1, H, D = chain.shape
+    B, K1 = chain.shape[:2]
     w = element_weight(sm, dm, acc)[:, None]
     mean, s, dmean_dv, x_next = _chain_mean_std(chain, v, t_grid, mode, std, steps, noise_level, acc)
     if steps is None:
