@@ -55,12 +55,14 @@ def _want_cuda() -> bool:
     return possible
 
 
-cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+# No -std flag: torch.utils.cpp_extension adds the C++ standard its headers need (C++20 for torch 2.13).
+cxx_flags = ["-O3", "-g0", "-fopenmp"]
 sources = [os.path.relpath(p, ROOT) for p in ["csrc/bindings.cpp", *sorted(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]]
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if _want_cuda():
-    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc/cuda/*.c*")))]
+    cuda_sources = glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")) + glob.glob(os.path.join(ROOT, "csrc/cuda/*.cpp"))
+    sources += [os.path.relpath(p, ROOT) for p in sorted(cuda_sources)]
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not arch_list:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -69,7 +71,7 @@ if _want_cuda():
         sources,
         include_dirs=include_dirs,
         define_macros=[("FLOWKERNELS_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         extra_link_args=["-fopenmp"],
     )
 else:

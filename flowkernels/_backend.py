@@ -64,8 +64,13 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result
 def _why_unavailable(name: str, device: torch.device) -> str:
-    """Empty string if ``name`` can run on ``device``, else the reason."""
+    """Empty string if ``name`` can run on ``device``, else the reason.
+
+    Under ``torch.compile`` the answer is taken at trace time as a constant (it depends only on
+    what is installed), so backend resolution adds no graph break.
+    """
     if name == "torch":
         return ""
     if name == "cpu":

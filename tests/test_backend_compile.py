@@ -88,7 +88,8 @@ def test_torch_compile_fullgraph(backend):
         lp = fk.chain_logprob(chain, v, t_grid, "sde", reduce="mean", backend=backend)
         xt = fk.cfm_interpolate(actions, noise, tau, backend=backend)
         loss = fk.cfm_loss(actions, noise, tau, xt @ W, backend=backend)
-        step = fk.flow_step(chain[:, 0], v[:, 0], 1.0, 1.0 / K, "sde", noise=noise[:, 0], backend=backend)
+        x0, v0, e0 = chain[:, 0].contiguous(), v[:, 0].contiguous(), noise[:, 0].contiguous()
+        step = fk.flow_step(x0, v0, 1.0, 1.0 / K, "sde", noise=e0, backend=backend)
         return lp.sum() + loss.sum() + step.logp.sum()
 
     fk.set_value_checks(False)  # value checks would sync; compiled code skips them anyway
