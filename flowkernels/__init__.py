@@ -6,6 +6,8 @@ Ops (each takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``):
 * :func:`chain_logprob` — log-prob of stored denoising chains under recomputed velocities.
 * :func:`cfm_loss`, :func:`cfm_interpolate`, :func:`fpo_ratio` — per-sample flow-matching
   losses and FPO's likelihood-free ratio.
+* :func:`prefix_attention`, :func:`merge_attention_states` — attention of action tokens over a
+  shared, cached VLM prefix (read once per observation, never copied).
 
 Conventions (t = 1 is noise, t = 0 the action) follow the project's DESIGN notes; the kernel
 ABI is in docs/kernels.md.
@@ -13,6 +15,7 @@ ABI is in docs/kernels.md.
 
 from flowkernels._backend import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
 from flowkernels._checks import set_value_checks
+from flowkernels.ops.attention import merge_attention_states, prefix_attention
 from flowkernels.ops.cfm_loss import cfm_interpolate, cfm_loss, fpo_ratio
 from flowkernels.ops.chain_logprob import chain_logprob
 from flowkernels.ops.flow_step import FlowStepResult, flow_step
@@ -30,7 +33,9 @@ __all__ = [
     "chain_logprob",
     "flow_step",
     "fpo_ratio",
+    "merge_attention_states",
     "philox_normal",
+    "prefix_attention",
     "resolve_backend",
     "set_value_checks",
 ]
