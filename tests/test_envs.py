@@ -1,0 +1,137 @@
+"""The built-in reaching task: dynamics, rendering, auto-reset, seeding, expert, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowrl.envs import ReachEnv, tokenize
+from flowrl.envs.reach import COLORS, VOCAB
+
+
+def test_observation_layout():
+    env = ReachEnv(4, num_targets=3, image_size=24)
+    obs = env.reset(seed=3)
+    assert obs.images.shape == (4, 1, 3, 24, 24) and obs.images.dtype == torch.float32
+    assert obs.images.min() >= -1 and obs.images.max() <= 1
+    assert obs.image_masks.shape == (4, 1) and bool(obs.image_masks.all())
+    assert obs.tokens.shape == (4, 8) and obs.tokens.dtype == torch.int64
+    assert torch.equal(obs.token_masks, obs.tokens != 0)
+    assert obs.state.shape == (4, 2)
+    assert int(obs.tokens.max()) < env.vocab_size == len(VOCAB)
+    for text, tok in zip(obs.instructions, obs.tokens):
+        assert torch.equal(tokenize([text])[0][0], tok)
+        assert any(c in text for c in COLORS)
+
+
+def test_render_draws_targets_and_agent_where_they_are():
+    env = ReachEnv(1, num_targets=2, image_size=32)
+    env.reset(seed=0)
+    env.targets[0] = torch.tensor([[-0.5, 0.5], [0.5, -0.5]])
+    env.pos[0] = torch.tensor([0.0, 0.0])
+    img = env.render()[0]  # (3, S, S), row 0 at y = +1
+    # red target at (x=-0.5, y=+0.5): upper-left quadrant, pixel (row 8, col 8)
+    assert torch.allclose(img[:, 8, 8], torch.tensor(COLORS["red"]))
+    # green at (x=+0.5, y=-0.5): lower-right quadrant
+    assert torch.allclose(img[:, 24, 24], torch.tensor(COLORS["green"]))
+    # the agent (white) at the centre, background elsewhere
+    assert torch.allclose(img[:, 16, 16], torch.ones(3)) or torch.allclose(img[:, 15, 15], torch.ones(3))
+    assert torch.allclose(img[:, 2, 30], torch.full((3,), 0.12))
+
+
+def test_reaching_the_goal_succeeds_and_stops_the_chunk():
+    env = ReachEnv(2, num_targets=1, chunk_steps=5, max_speed=0.1, success_radius=0.15)
+    env.reset(seed=0)
+    env.targets[:, 0] = torch.tensor([[0.3, 0.0], [0.9, 0.9]])
+    env.pos[:] = torch.tensor([[0.0, 0.0], [-0.9, -0.9]])
+    a = torch.zeros(2, 5, 2)
+    a[:, :, 0] = 1.0  # move right
+    r = env.step(a)
+    # env 0: 0.1, 0.2 -> within 0.15 of 0.3 after 2 steps
+    assert r.success.tolist() == [True, False] and r.done.tolist() == [True, False]
+    assert r.executed.tolist() == [2, 5]
+    assert r.reward.tolist() == [1.0, 0.0] and r.episode_return.tolist() == [1.0, 0.0]
+    assert r.episode_length.tolist() == [2, 0]
+    assert env.t.tolist() == [0, 5]  # env 0 was reset, env 1 goes on
+    assert torch.allclose(env.pos[1], torch.tensor([-0.4, -0.9]))
+
+
+def test_time_limit_truncates():
+    env = ReachEnv(3, num_targets=1, chunk_steps=4, max_episode_steps=8)
+    env.reset(seed=0)
+    still = torch.zeros(3, 4, 2)
+    env.pos[:] = 0.0
+    env.targets[:, 0] = torch.tensor([0.9, 0.9])
+    r1 = env.step(still)
+    assert not r1.done.any()
+    r2 = env.step(still)
+    assert r2.truncated.all() and r2.done.all() and not r2.success.any()
+    assert r2.episode_length.tolist() == [8, 8, 8]
+
+
+def test_seeding_is_per_env_and_reproducible():
+    a = ReachEnv(6).reset(seed=11)
+    b = ReachEnv(6).reset(seed=11)
+    c = ReachEnv(3).reset(seed=11)
+    d = ReachEnv(6).reset(seed=12)
+    assert torch.equal(a.images, b.images) and a.instructions == b.instructions
+    assert torch.equal(a.images[:3], c.images)  # env i does not depend on the batch size
+    assert not torch.equal(a.images, d.images)
+
+
+def test_expert_quality_controls_success():
+    rates = {}
+    for q in (1.0, 0.5):
+        env = ReachEnv(128)
+        env.set_expert_quality(q)
+        env.reset(seed=0)
+        succ = ends = 0
+        for it in range(24):
+            r = env.step(env.expert_actions(5, torch.Generator().manual_seed(it)))
+            succ += int(r.success.sum())
+            ends += int(r.done.sum())
+        rates[q] = succ / ends
+    assert rates[1.0] == 1.0
+    assert 0.3 < rates[0.5] < 0.8
+    # a random policy rarely succeeds
+    env = ReachEnv(128)
+    env.reset(seed=0)
+    g = torch.Generator().manual_seed(0)
+    succ = ends = 0
+    for _ in range(24):
+        r = env.step(torch.rand(128, 5, 2, generator=g) * 2 - 1)
+        succ += int(r.success.sum())
+        ends += int(r.done.sum())
+    assert succ / max(ends, 1) < 0.3
+
+
+def test_easy_variant_state_has_the_goal():
+    env = ReachEnv(5, num_targets=3, state_with_targets=True)
+    obs = env.reset(seed=0)
+    assert obs.state.shape == (5, 2 + 9) and env.state_dim == 11
+    goal = obs.state[:, 8:].argmax(1)
+    assert torch.equal(goal, env.goal)
+
+
+def test_padded_actions_and_bad_input():
+    env = ReachEnv(2)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(torch.zeros(2, 5, 2))
+    env.reset(seed=0)
+    env.step(torch.zeros(2, 50, 32))  # the policy's padded chunk is cut to (H', 2)
+    with pytest.raises(ValueError, match="num_envs"):
+        env.step(torch.zeros(3, 5, 2))
+    with pytest.raises(ValueError, match="chunk_steps"):
+        env.step(torch.zeros(2, 4, 2))
+    with pytest.raises(ValueError, match="needs 2"):
+        env.step(torch.zeros(2, 5, 1))
+    with pytest.raises(ValueError, match=r"\(B, H, A\)"):
+        env.step(torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="floating"):
+        env.step(torch.zeros(2, 5, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_targets"):
+        ReachEnv(2, num_targets=7)
+    with pytest.raises(ValueError, match="unknown word"):
+        tokenize(["fly to the moon"])
+    with pytest.raises(ValueError, match="quality"):
+        env.set_expert_quality(1.5)
