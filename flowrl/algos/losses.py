@@ -1,0 +1,185 @@
+"""The math of the RL algorithms, as plain functions (DESIGN §1): advantages, surrogates, ARFM.
+
+Every function takes and returns torch tensors and is differentiable where a loss is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "arfm_alpha",
+    "arfm_weights",
+    "explained_variance",
+    "gae",
+    "grpo_advantages",
+    "leave_one_out",
+    "normalize",
+    "ppo_policy_loss",
+    "spo_policy_loss",
+    "value_loss",
+]
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_value: torch.Tensor,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over chunk steps.
+
+    Args:
+        rewards, values, dones: ``(T, B)``: the chunk reward (sum of the executed steps'
+            rewards), the value of the state the chunk started from, and whether the episode
+            ended in the chunk (no bootstrapping across it).
+        last_value: ``(B,)`` value of the state after the last chunk.
+    Returns:
+        ``advantages (T, B)`` and ``returns = advantages + values (T, B)``.
+    """
+    if rewards.shape != values.shape or rewards.shape != dones.shape or rewards.dim() != 2:
+        raise ValueError(f"gae: rewards, values, dones must share shape (T, B), got {tuple(rewards.shape)}, "
+                         f"{tuple(values.shape)}, {tuple(dones.shape)}")
+    if last_value.shape != rewards.shape[1:]:
+        raise ValueError(f"gae: last_value must have shape (B,) = ({rewards.shape[1]},), got {tuple(last_value.shape)}")
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(last_value)
+    next_value = last_value
+    for k in reversed(range(T)):
+        notdone = 1.0 - dones[k].float()
+        delta = rewards[k] + gamma * next_value * notdone - values[k]
+        running = delta + gamma * lam * notdone * running
+        adv[k] = running
+        next_value = values[k]
+    return adv, adv + values
+
+
+def grpo_advantages(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages ``(R − mean_group)/(std_group + eps)``.
+
+    Args:
+        returns: ``(G·n,)`` episode returns, ``group_size`` consecutive entries per group (rollouts
+            from the same initial state).
+    """
+    if returns.dim() != 1 or returns.numel() % group_size != 0:
+        raise ValueError(f"grpo_advantages: returns must be 1-D with a length divisible by group_size={group_size}, "
+                         f"got shape {tuple(returns.shape)}")
+    r = returns.view(-1, group_size)
+    std = r.std(dim=1, unbiased=False, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1)
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x − mean)/(std + eps)`` over all elements."""
+    if x.numel() < 2:
+        return x - x.mean()
+    return (x - x.mean()) / (x.std(unbiased=False) + eps)
+
+
+def ppo_policy_loss(
+    ratio: torch.Tensor, adv: torch.Tensor, clip: float = 0.2, dual_clip: float | None = 3.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (to minimize), with the dual clip for negative advantages.
+
+    Args:
+        ratio, adv: ``(n,)`` probability ratios and advantages.
+    Returns:
+        the loss (scalar) and statistics: ``clip_frac``, ``ratio_mean``.
+    """
+    s1 = ratio * adv
+    s2 = ratio.clamp(1 - clip, 1 + clip) * adv
+    obj = torch.minimum(s1, s2)
+    if dual_clip is not None:
+        obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
+    stats = {
+        "clip_frac": ((ratio - 1).abs() > clip).float().mean().detach(),
+        "ratio_mean": ratio.mean().detach(),
+    }
+    return -obj.mean(), stats
+
+
+def spo_policy_loss(ratio: torch.Tensor, adv: torch.Tensor, clip: float = 0.05) -> torch.Tensor:
+    """The SPO form ``−mean(ρ·Â − |Â|/(2ε)·(ρ − 1)²)`` (FPO++'s option for negative advantages)."""
+    return -(ratio * adv - adv.abs() / (2 * clip) * (ratio - 1) ** 2).mean()
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None = 0.2, delta: float = 1.0
+) -> torch.Tensor:
+    """Huber value loss with PPO's value clipping: ``max(huber(v − R), huber(v_clip − R))``."""
+    l1 = torch.nn.functional.huber_loss(values, returns, reduction="none", delta=delta)
+    if clip is None:
+        return l1.mean()
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    l2 = torch.nn.functional.huber_loss(v_clip, returns, reduction="none", delta=delta)
+    return torch.maximum(l1, l2).mean()
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """``1 − Var(target − pred)/Var(target)`` (nan when the target is constant)."""
+    var = target.var(unbiased=False)
+    if float(var) == 0.0:
+        return float("nan")
+    return float(1 - (target - pred).var(unbiased=False) / var)
+
+
+def leave_one_out(r: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """ARFM's ``R*_k = R_k − mean_{i≠k} R_i`` within each group (task); ``(n,)`` → ``(n,)``."""
+    if groups is None:
+        groups = torch.zeros_like(r, dtype=torch.int64)
+    out = torch.zeros_like(r)
+    for g in groups.unique():
+        m = groups == g
+        rg = r[m]
+        n = rg.numel()
+        out[m] = rg - (rg.sum() - rg) / (n - 1) if n > 1 else torch.zeros_like(rg)
+    return out
+
+
+def arfm_alpha(
+    r_star: torch.Tensor, losses: torch.Tensor, lam: float = 5e-4, iters: int = 20, tol: float = 1e-5,
+    lo: float = 0.01, hi: float = 5.0,
+) -> float:
+    """ARFM's adaptive temperature by bisection (DESIGN §1).
+
+    With ``σ_R = sqrt(mean(R*²))``, ``σ_L²`` the variance of the per-sample flow losses and
+    ``x = α²σ_R²``, solve ``4√x·e^{2x} − 2√x·e^{x} = λ·σ_R/σ_L²`` (the left side increases with
+    x) by bisection over ``α ∈ [lo, hi]`` (``iters`` halvings, stop when the bracket is below
+    ``tol``); a root outside the bracket gives its nearest end. ``α = √x/σ_R``. The flow losses
+    are per-sample means over the chunk's masked elements (their scale sets α).
+    """
+    sigma_r = float(torch.sqrt((r_star.double() ** 2).mean()))
+    var_l = float(losses.double().var(unbiased=False))
+    if sigma_r == 0.0 or var_l == 0.0:
+        return 0.0
+    rhs = lam * sigma_r / var_l
+
+    def f(x: float) -> float:
+        s = math.sqrt(x)
+        return 4 * s * math.exp(2 * x) - 2 * s * math.exp(x) - rhs
+
+    # bisection on α (x = α²σ_R² is increasing in α, and f in x): 20 halvings of [lo, hi]
+    a_lo, a_hi = lo, min(hi, math.sqrt(50.0) / sigma_r)  # exp overflow guard
+    if f((a_lo * sigma_r) ** 2) >= 0:
+        return a_lo
+    if f((a_hi * sigma_r) ** 2) <= 0:
+        return a_hi
+    for _ in range(iters):
+        mid = 0.5 * (a_lo + a_hi)
+        if f((mid * sigma_r) ** 2) > 0:
+            a_hi = mid
+        else:
+            a_lo = mid
+        if a_hi - a_lo < tol:
+            break
+    return 0.5 * (a_lo + a_hi)
+
+
+def arfm_weights(r_star: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``w = softmax(α·R*)`` over the batch (sums to 1); ``α = 0`` gives uniform weights (SFT)."""
+    return torch.softmax(alpha * r_star.double(), dim=0).to(r_star.dtype)
