@@ -135,3 +135,19 @@ def test_padded_actions_and_bad_input():
         tokenize(["fly to the moon"])
     with pytest.raises(ValueError, match="quality"):
         env.set_expert_quality(1.5)
+
+
+def test_state_dict_resumes_exactly():
+    a = ReachEnv(8)
+    a.set_expert_quality(0.5)
+    a.reset(seed=4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        a.step(torch.rand(8, 5, 2, generator=g) * 2 - 1)
+    b = ReachEnv(8)
+    b.load_state_dict(a.state_dict())
+    acts = torch.rand(6, 8, 5, 2, generator=g) * 2 - 1
+    for x in acts:
+        ra, rb = a.step(x), b.step(x)
+        assert torch.equal(ra.obs.images, rb.obs.images) and torch.equal(ra.reward, rb.reward)
+        assert ra.obs.instructions == rb.obs.instructions

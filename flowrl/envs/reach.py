@@ -164,6 +164,27 @@ class ReachEnv(VecEnv):
         self._started = True
         return self.observe()
 
+    def state_dict(self) -> dict:
+        """Everything needed to continue these episodes exactly (for checkpoints)."""
+        return {
+            "pos": self.pos.cpu().clone(), "targets": self.targets.cpu().clone(), "goal": self.goal.cpu().clone(),
+            "expert_target": self.expert_target.cpu().clone(), "phrase": self.phrase.cpu().clone(),
+            "t": self.t.cpu().clone(), "ret": self.ret.cpu().clone(), "episode": self.episode.clone(),
+            "seed": self.seed, "expert_quality": self.expert_quality, "instructions": list(self._instructions),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["pos"].shape != self.pos.shape or sd["targets"].shape != self.targets.shape:
+            raise ValueError(f"ReachEnv.load_state_dict: state for {tuple(sd['targets'].shape)} targets does not fit "
+                             f"this env {tuple(self.targets.shape)}")
+        for k in ("pos", "targets", "goal", "expert_target", "phrase", "t", "ret"):
+            setattr(self, k, sd[k].to(self.device).clone())
+        self.episode = sd["episode"].clone()
+        self.seed, self.expert_quality = int(sd["seed"]), float(sd["expert_quality"])
+        self._instructions = list(sd["instructions"])
+        self._instr_tokens = tokenize(self._instructions, self.max_token_len, self.device)[0]
+        self._started = True
+
     # ------------------------------------------------------------------ observation
     def render(self) -> torch.Tensor:
         """Top view ``(B, 3, S, S)`` float32 in [0, 1]; row 0 is the top (y = +1)."""

@@ -1,0 +1,249 @@
+"""Training configuration: one dataclass tree, loaded from YAML with ``a.b=value`` overrides.
+
+Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` before any work
+starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ALGOS",
+    "AlgoConfig",
+    "ConfigError",
+    "EnvConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+ALGOS = ("sft", "arfm", "fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type, inconsistent values."""
+
+
+@dataclass
+class EnvConfig:
+    name: str = "reach"  # reach | libero
+    num_envs: int = 32  # per rank
+    num_targets: int = 3
+    image_size: int = 32
+    chunk_steps: int = 5  # H'
+    max_episode_steps: int = 40
+    state_with_targets: bool = False
+    expert_quality: float = 0.6  # demonstrations for SFT / ARFM
+    suite: str = "libero_spatial"  # libero only
+    task_ids: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class ModelConfig:
+    config: str = "tiny"  # tiny | small | pi0 | pi05, or a directory with a checkpoint
+    variant: str = "pi0"
+    init_from: str = ""  # a flowrl / lerobot checkpoint directory, or an SFT run's checkpoint
+    freeze: str = "expert_only"  # expert_only | expert_and_vlm | none
+    num_value_heads: int = 2
+    overrides: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "fpo"
+    num_steps: int = 4  # K denoising steps
+    lr: float = 3e-4
+    critic_lr: float = 1e-3
+    epochs: int = 4
+    minibatch_size: int = 64  # per rank, in chunks
+    grad_accum: int = 1
+    rollout_chunks: int = 8  # chunk steps per env per iteration
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip: float = 0.2
+    dual_clip: float = 3.0
+    value_clip: float = 0.2
+    max_grad_norm: float = 1.0
+    # FPO
+    fpo_pairs: int = 8  # N (τ, ε) pairs per chunk
+    fpo_ratio: str = "per_sample"  # mean | per_sample
+    fpo_clamp: float = 3.0
+    fpo_clip: float = 0.05
+    fpo_spo: bool = False
+    # Flow-SDE / Flow-Noise
+    noise_level: float = 0.5
+    noise_min: float = 0.08
+    noise_max: float = 0.16
+    logprob_reduce: str = "mean"
+    # GRPO
+    group_size: int = 4
+    grpo_likelihood: str = "fpo"  # fpo | flow_noise | flow_sde
+    # VLA-FPO
+    vla_beta: float = 1.0
+    vla_latent_steps: int = 2
+    vla_eta: float = 0.5
+    vla_ensemble: int = 2
+    vla_tau: float = 0.01
+    vla_clip: bool = True
+    # ARFM / SFT
+    arfm_lambda: float = 5e-4
+    sft_steps: int = 300
+    sft_batch: int = 64
+    num_demos: int = 64
+
+
+@dataclass
+class TrainConfig:
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    iterations: int = 20
+    seed: int = 0
+    run_dir: str = "runs/default"
+    checkpoint_every: int = 5
+    eval_episodes: int = 64
+    zero_stage: int = 1
+    bf16: str = "auto"  # auto (on a GPU) | true | false
+    activation_checkpointing: bool = False
+    pipeline_rollout: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    plot: bool = True
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an int, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _set(obj: Any, dotted: str, value: Any, full: str) -> None:
+    head, _, rest = dotted.partition(".")
+    hints = typing.get_type_hints(type(obj))
+    if head not in hints:
+        names = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise ConfigError(f"unknown config key {full!r} ({head!r} is not one of: {names})")
+    if rest:
+        sub = getattr(obj, head)
+        if isinstance(sub, dict):
+            sub[rest] = value
+            return
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"unknown config key {full!r}: {head!r} has no sub-keys")
+        _set(sub, rest, value, full)
+        return
+    if dataclasses.is_dataclass(getattr(obj, head)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full}: expected a mapping of sub-keys, got {value!r}")
+        for k, v in value.items():
+            _set(getattr(obj, head), k, v, f"{full}.{k}")
+        return
+    setattr(obj, head, _coerce(value, hints[head], full))
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
+    """Apply ``["algo.lr=1e-4", ...]`` or a (nested) mapping onto ``cfg`` in place."""
+    if isinstance(overrides, dict):
+        for k, v in overrides.items():
+            _set(cfg, k, v, k)
+        return cfg
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, _, raw = item.partition("=")
+        _set(cfg, key.strip(), yaml.safe_load(raw) if raw else "", key.strip())
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Cross-field checks that need no model or env."""
+    a = cfg.algo
+    if a.name not in ALGOS:
+        raise ConfigError(f"algo.name: unknown algorithm {a.name!r}; expected one of {ALGOS}")
+    if cfg.env.name not in ("reach", "libero"):
+        raise ConfigError(f"env.name: unknown environment {cfg.env.name!r}; expected reach or libero")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    if cfg.bf16 not in ("auto", "true", "false"):
+        raise ConfigError(f"bf16 must be auto, true or false, got {cfg.bf16!r}")
+    for name in ("iterations", "checkpoint_every", "eval_episodes"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("num_steps", "epochs", "minibatch_size", "rollout_chunks", "fpo_pairs", "group_size", "grad_accum"):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"algo.{name} must be >= 1, got {getattr(a, name)}")
+    if cfg.env.num_envs < 1:
+        raise ConfigError(f"env.num_envs must be >= 1, got {cfg.env.num_envs}")
+    if a.name == "grpo" and cfg.env.num_envs % a.group_size != 0:
+        raise ConfigError(f"env.num_envs={cfg.env.num_envs} must be divisible by algo.group_size={a.group_size} "
+                          "(GRPO groups rollouts from one initial state)")
+    if a.fpo_ratio not in ("mean", "per_sample"):
+        raise ConfigError(f"algo.fpo_ratio must be mean or per_sample, got {a.fpo_ratio!r}")
+    if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):
+        raise ConfigError(f"algo.grpo_likelihood must be fpo, flow_noise or flow_sde, got {a.grpo_likelihood!r}")
+    if cfg.model.freeze not in ("expert_only", "expert_and_vlm", "none"):
+        raise ConfigError(f"model.freeze must be expert_only, expert_and_vlm or none, got {cfg.model.freeze!r}")
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"model.init_from: checkpoint directory {cfg.model.init_from!r} does not exist")
+    if world_size > 1 and a.sft_batch % world_size != 0:
+        raise ConfigError(f"algo.sft_batch={a.sft_batch} must be divisible by the number of ranks ({world_size})")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, world_size: int = 1) -> TrainConfig:
+    """Read a YAML config (or start from the defaults), apply overrides, validate."""
+    import yaml
+
+    cfg = TrainConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        apply_overrides(cfg, data)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg, world_size)
+    return cfg
