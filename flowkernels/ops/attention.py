@@ -302,7 +302,7 @@ def prefix_attention(
     scale = float(d) ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"prefix_attention: scale must be a finite number > 0, got {scale}")
-    name = _resolve(backend, q.device)
+    name = _resolve(backend, q.device, q.dtype)
     with nvtx_range(f"flowkernels.prefix_attention[{name}]"):
         if name in ("torch", "cpu"):
             out, lse = _prefix_attention_grouped(q, k, v, prefix_k, prefix_v, valid, suffix_mask, group_size, scale)
@@ -317,8 +317,12 @@ def prefix_attention(
     return (out, lse) if return_lse else out
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    """Backends of this op: cpu and torch are the grouped torch path; cuda is flash-attn."""
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Backends of this op: cpu and torch are the grouped torch path; cuda is flash-attn.
+
+    ``auto`` on CUDA picks triton, except for float64 inputs (the Triton kernels take float32,
+    bfloat16 and float16), which go to the grouped torch path.
+    """
     if backend == "cuda":
         if device.type != "cuda":
             raise BackendUnavailableError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
@@ -333,7 +337,8 @@ def _resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         name = resolve_backend("auto", device)
         if device.type == "cuda":
-            return "triton" if name in ("cuda", "triton") and _triton_ok(device) else "torch"
+            ok = name in ("cuda", "triton") and dtype != torch.float64 and _triton_ok(device)
+            return "triton" if ok else "torch"
         return "torch"
     return resolve_backend(backend, device)
 
