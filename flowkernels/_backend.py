@@ -101,8 +101,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS[1:] if not _why_unavailable(b, device)]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Turn the user's ``backend`` argument into a concrete backend for tensors on ``device``.
+
+    ``auto`` never picks ``triton`` for float64 inputs (``dtype``): the Triton kernels take
+    float32 / bfloat16 / float16, so float64 on CUDA without the CUDA extension goes to torch.
 
     Raises:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
@@ -117,6 +120,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = env
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        if dtype == torch.float64:
+            order = tuple(n for n in order if n != "triton")
         for name in order:
             if not _why_unavailable(name, device):
                 return name

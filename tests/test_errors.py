@@ -181,3 +181,13 @@ def test_kernel_boundary_other_ops(backend):
         mod.cfm_loss_bwd(torch.zeros(B, N + 1), A, n, vp, sm, dm, torch.ones(B))
     with pytest.raises(ValueError, match="tau"):
         mod.cfm_interpolate_fwd(A, n, torch.rand(B, N + 1))
+
+
+def test_auto_never_routes_float64_to_triton():
+    """float64 is not a Triton dtype: ``auto`` skips triton for it (on CUDA without the CUDA extension)."""
+    from flowkernels._backend import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float64) in ("cpu", "torch")
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", torch.device("cuda"), torch.float64) in ("cuda", "torch")

@@ -167,7 +167,7 @@ def cfm_loss(
     sm, dm = normalize_masks(op, dim_mask, step_mask, B, H, D, actions.device)
     wsum = (sm.sum(dim=1) * dm.sum(dim=1)).expand(B)
     inv_wsum = torch.where(wsum > 0, 1.0 / wsum.clamp_min(1e-30), torch.zeros_like(wsum)).contiguous()
-    name = resolve_backend(backend, actions.device)
+    name = resolve_backend(backend, actions.device, actions.dtype)
     actions, noise, v_pred = prepare_contiguous(op, name, backend, actions=actions, noise=noise, v_pred=v_pred)
     return CFMLossFunction.apply(actions.detach(), noise.detach(), v_pred, sm, dm, inv_wsum, name)
 
@@ -185,7 +185,7 @@ def cfm_interpolate(
     op = "cfm_interpolate"
     _check_pairs(op, actions, noise, tau)
     tau32 = tau if tau.dtype == torch.float32 else tau.to(torch.float32)
-    name = resolve_backend(backend, actions.device)
+    name = resolve_backend(backend, actions.device, actions.dtype)
     actions, noise, tau32 = prepare_contiguous(op, name, backend, actions=actions, noise=noise, tau=tau32)
     return CFMInterpolateFunction.apply(actions, noise, tau32, name)
 

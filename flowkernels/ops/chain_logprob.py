@@ -194,7 +194,7 @@ def chain_logprob(
     if noise_level < 0:
         raise ValueError(f"{op}: noise_level must be >= 0, got {noise_level}")
     sm, dm = normalize_masks(op, dim_mask, step_mask, B, H, D, dev)
-    name = resolve_backend(backend, dev)
+    name = resolve_backend(backend, dev, chain.dtype)
     chain, v, std = prepare_contiguous(op, name, backend, chain=chain, v=v, std=std)
     terms = ChainLogProbFunction.apply(
         chain.detach(), v, t_grid, m, std, steps, bool(include_initial), float(noise_level), sm, dm, name

@@ -170,7 +170,7 @@ def flow_step(
             raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
         if not 0 <= int(offset) < 2**62:
             raise ValueError(f"{op}: offset must be in [0, 2**62), got {offset}")
-    name = resolve_backend(backend, dev)
+    name = resolve_backend(backend, dev, x.dtype)
     x, v, noise, std_c = prepare_contiguous(op, name, backend, x=x, v=v, noise=noise, std=std)
     with torch.no_grad():
         mean, x_next, logp = _flow_step_op(
