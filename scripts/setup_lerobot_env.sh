@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a separate virtual environment holding lerobot 0.6.1 with its π0 / π0.5
+# policies, used only as a reference for weight/numerics parity (scripts/lerobot_reference.py,
+# tests/test_lerobot_parity.py). It never touches the project's own .venv.
+#
+#   LEROBOT_VENV=.venv-lerobot      where the venv goes
+#   LEROBOT_PYTHON=...              a Python >= 3.12 (default: pyenv's 3.12.1, else python3.12)
+#   FRESH=1                         delete and recreate the venv
+#
+# Recipe (measured, see /work/shared/FACTS.md): Python 3.12, torch==2.11.0 + torchvision==0.26.0
+# from PyPI (a CUDA build, ~2 GB; it runs on CPU too), then lerobot[pi]==0.6.1 (which pulls
+# transformers 5.4-5.5). The venv is ~5 GB. Idempotent: exits at once when the venv already
+# imports lerobot's π0 / π0.5 policies at the expected versions. Never prompts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${LEROBOT_VENV:-.venv-lerobot}
+TORCH_SPEC="torch==2.11.0"
+TORCHVISION_SPEC="torchvision==0.26.0"
+LEROBOT_SPEC="lerobot[pi]==0.6.1"
+export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+check() {
+  "$VENV/bin/python" - <<'EOF' 2>/dev/null
+import lerobot, torch, torchvision, transformers  # noqa: F401
+from lerobot.policies.pi0.modeling_pi0 import PI0Policy  # noqa: F401
+from lerobot.policies.pi05.modeling_pi05 import PI05Policy  # noqa: F401
+from importlib.metadata import version
+assert version("lerobot") == "0.6.1", version("lerobot")
+assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
+print(f"lerobot {version('lerobot')}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"transformers {transformers.__version__}")
+EOF
+}
+
+if [ "${FRESH:-0}" = "1" ]; then rm -rf "$VENV"; fi
+if [ -x "$VENV/bin/python" ] && check; then
+  echo "$VENV is ready (nothing to do)"
+  exit 0
+fi
+
+if [ -z "${LEROBOT_PYTHON:-}" ]; then
+  if command -v pyenv >/dev/null 2>&1 && [ -x "$(pyenv root)/versions/3.12.1/bin/python3.12" ]; then
+    LEROBOT_PYTHON="$(pyenv root)/versions/3.12.1/bin/python3.12"
+  elif command -v python3.12 >/dev/null 2>&1; then
+    LEROBOT_PYTHON=$(command -v python3.12)
+  else
+    echo "error: lerobot 0.6.1 needs Python >= 3.12; set LEROBOT_PYTHON" >&2
+    exit 1
+  fi
+fi
+"$LEROBOT_PYTHON" -c 'import sys; assert sys.version_info >= (3, 12), sys.version' || {
+  echo "error: $LEROBOT_PYTHON is older than Python 3.12" >&2
+  exit 1
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$LEROBOT_PYTHON" -m venv "$VENV"
+fi
+pip_install() {
+  # drops pip's "Location 'file:///…' is ignored" noise from local extra indexes; pipefail keeps pip's status
+  "$VENV/bin/python" -m pip install -q --progress-bar off "$@" 2>&1 | { grep -v "^WARNING: Location 'file://" || true; }
+}
+pip_install --upgrade pip
+# torch first and pinned: lerobot accepts torch < 2.12, and an unpinned resolve may pick another build.
+pip_install "$TORCH_SPEC" "$TORCHVISION_SPEC"
+pip_install "$LEROBOT_SPEC" "$TORCH_SPEC" "$TORCHVISION_SPEC"
+check || { echo "error: $VENV does not import lerobot's π0 / π0.5 policies" >&2; exit 1; }
