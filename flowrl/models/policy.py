@@ -1,0 +1,907 @@
+"""The π0 / π0.5 policy on flowkernels, with a compacted, read-only prefix cache (DESIGN §2).
+
+* :meth:`Pi0Policy.encode_prefix` runs SigLIP + projector, the language embeddings and the Gemma
+  VLM once per observation (and, for π0, the state token through the action expert: its K/V do
+  not depend on ``x_t`` or ``t``). Masked cameras and padding tokens are compacted away; the
+  per-layer K/V (after RoPE) are stored read-only in a :class:`PrefixCache`.
+* :meth:`Pi0Policy.sample_actions` runs only the action tokens through the expert at each of the
+  K steps, attending the cached prefix with ``flowkernels.prefix_attention`` (``group_size`` rows
+  per observation share one prefix, never expanded or cloned), and steps with
+  ``flowkernels.flow_step``.
+* :meth:`Pi0Policy.cfm_losses` (N (τ, ε) pairs per observation) and
+  :meth:`Pi0Policy.chain_logprob` (K recomputed velocities) run one prefix pass each and batch
+  the pairs / steps as rows of one suffix pass.
+
+Conventions (t = 1 noise, t = 0 action, ``x_t = t·ε + (1 − t)·A``, Euler ``dt = 1/K``) and the
+numerics follow lerobot 0.6.1's ``PI0Pytorch`` / ``PI05Pytorch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flowkernels as fk
+from flowrl.models.config import PolicyConfig, get_config
+from flowrl.models.gemma import GemmaLayer, GemmaStack, apply_rope, rope_cos_sin
+from flowrl.models.heads import NoiseHead, ValueEnsemble
+
+__all__ = ["Observation", "Pi0Policy", "PrefixCache", "SampleResult", "sinusoidal_time_embedding"]
+
+MODES = ("ode", "sde", "noise")
+FREEZE_MODES = ("expert_only", "expert_and_vlm", "none")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------
+# data containers
+
+
+@dataclass
+class Observation:
+    """One batch of observations.
+
+    Attributes:
+        images: ``(B, C, 3, Hi, Wi)`` float in ``[-1, 1]`` (C = ``config.num_cameras``).
+        image_masks: ``(B, C)`` bool, False for a missing camera (its tokens are dropped).
+        tokens: ``(B, L)`` int64 language token ids, ``L ≤ config.max_token_len``.
+        token_masks: ``(B, L)`` bool, False for padding.
+        state: ``(B, Ds)`` float with ``Ds ≤ config.max_state_dim`` (π0; zero-padded), or None
+            (π0.5: the state is tokenized into the language by the caller).
+    """
+
+    images: torch.Tensor
+    image_masks: torch.Tensor
+    tokens: torch.Tensor
+    token_masks: torch.Tensor
+    state: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> Observation:
+        return Observation(*(None if t is None else t.to(device) for t in
+                             (self.images, self.image_masks, self.tokens, self.token_masks, self.state)))
+
+    def repeat_interleave(self, n: int) -> Observation:
+        """Each observation repeated ``n`` times (consecutive rows), e.g. to build a naive group."""
+        return Observation(*(None if t is None else t.repeat_interleave(n, 0) for t in
+                             (self.images, self.image_masks, self.tokens, self.token_masks, self.state)))
+
+    @classmethod
+    def from_cameras(
+        cls,
+        images: dict[str, torch.Tensor],
+        camera_names: list[str] | tuple[str, ...],
+        tokens: torch.Tensor,
+        token_masks: torch.Tensor,
+        state: torch.Tensor | None = None,
+        allow_missing: bool = False,
+    ) -> Observation:
+        """Build from a dict of per-camera images ``(B, 3, Hi, Wi)`` keyed by camera name.
+
+        ``camera_names`` fixes the camera order. A missing camera is an error unless
+        ``allow_missing`` (then it becomes an image of -1 with mask False, as lerobot pads it);
+        unknown keys are always an error; at least one camera must be present.
+        """
+        names = list(camera_names)
+        unknown = sorted(set(images) - set(names))
+        if unknown:
+            raise ValueError(f"Observation.from_cameras: images has unknown camera keys {unknown}; expected {names}")
+        missing = [n for n in names if n not in images]
+        if missing and not allow_missing:
+            raise ValueError(f"Observation.from_cameras: images is missing camera keys {missing} (expected {names}); "
+                             "pass allow_missing=True to mask them")
+        if len(missing) == len(names):
+            raise ValueError(f"Observation.from_cameras: images holds none of the cameras {names}")
+        ref = next(images[n] for n in names if n in images)
+        if ref.dim() != 4:
+            raise ValueError(f"Observation.from_cameras: each image must be (B, 3, Hi, Wi), got {tuple(ref.shape)}")
+        imgs, masks = [], []
+        for n in names:
+            if n in images:
+                imgs.append(images[n])
+                masks.append(torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device))
+            else:
+                imgs.append(torch.full_like(ref, -1.0))
+                masks.append(torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device))
+        return cls(torch.stack(imgs, 1), torch.stack(masks, 1), tokens, token_masks, state)
+
+
+@dataclass
+class PrefixCache:
+    """Read-only per-layer K/V of the compacted prefix (images, language, π0 state token).
+
+    Attributes:
+        keys, values: ``(depth, B, P, Hkv, d)`` after RoPE, in the compute dtype. Slot ``P − 1``
+            holds the π0 state token; padding slots are masked by ``prefix_mask``.
+        prefix_mask: ``(B, P)`` bool, valid slots.
+        prefix_lens: ``(B,)`` int64, valid image + language tokens per observation.
+        suffix_offset: ``(B,)`` int64, RoPE position of the first action token (``prefix_lens``,
+            + 1 for π0's state token).
+        pooled: ``(B, W_vlm)`` float32, mean of the VLM's final-normed outputs over valid tokens
+            (the VLM-side value head's input).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    prefix_mask: torch.Tensor
+    prefix_lens: torch.Tensor
+    suffix_offset: torch.Tensor
+    pooled: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.keys.shape[1])
+
+    def detach(self) -> PrefixCache:
+        return replace(self, keys=self.keys.detach(), values=self.values.detach(), pooled=self.pooled.detach())
+
+
+@dataclass
+class SampleResult:
+    """Output of :meth:`Pi0Policy.sample_actions` (rows ordered observation-major, ``b·N + n``).
+
+    Attributes:
+        actions: ``(B·N, H, D)`` float32, the final state ``x_{t_K}``.
+        chain: ``(B·N, K+1, H, D)`` the states ``x_{t_0} = ε, …, x_{t_K}`` (None unless return_chain).
+        means: ``(B·N, K, H, D)`` transition means μ_k (None unless return_chain).
+        stds: ``(B·N, K, 1, 1)`` (ode / sde) or ``(B·N, K, H, D)`` (noise) transition stds
+            (None unless return_chain).
+        step_logps: ``(B·N, K)`` float32 transition log-probs (0 for ODE transitions).
+        initial_logp: ``(B·N,)`` ``log N(x_{t_0}; 0, I)`` over masked elements.
+        logp: ``(B·N,)`` the chain's log-prob: ``Σ_k step_logps`` (+ ``initial_logp`` for mode noise),
+            what :meth:`Pi0Policy.chain_logprob` recomputes.
+        t_grid: ``(K+1,)`` float32 times.
+    """
+
+    actions: torch.Tensor
+    chain: torch.Tensor | None
+    means: torch.Tensor | None
+    stds: torch.Tensor | None
+    step_logps: torch.Tensor
+    initial_logp: torch.Tensor
+    logp: torch.Tensor
+    t_grid: torch.Tensor
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    """openpi's sine-cosine embedding of scalar times: ``t (T,)`` → ``(T, dim)`` float32 ([sin, cos]).
+
+    Computed in float64 (float32 where float64 is missing, e.g. MPS) and rounded, as lerobot does.
+    """
+    f64 = torch.float64 if t.device.type != "mps" else torch.float32
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=f64, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    scaling = 1.0 / period * 2 * math.pi
+    x = scaling[None, :] * t[:, None]
+    return torch.cat([torch.sin(x), torch.cos(x)], dim=1).to(t.dtype)
+
+
+def _time_grid(K: int) -> list[float]:
+    """``t_k = 1 − k/K`` computed as lerobot's Euler loop does (``1.0 + k·(−1/K)``), ``t_K = 0``."""
+    dt = -1.0 / K
+    return [1.0 + k * dt for k in range(K)] + [0.0]
+
+
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Eager attention (Gemma's): q ``(B, S, Hq, d)``, k/v ``(B, L, Hkv, d)``, allowed bool ``(B, S, L)``.
+
+    Scores in the activations' dtype times ``scale``, masked, softmax in float32, cast back.
+    """
+    g = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(g, dim=2) if g > 1 else k
+    vv = v.repeat_interleave(g, dim=2) if g > 1 else v
+    scores = torch.einsum("bshd,blhd->bhsl", q, kk) * scale
+    scores = scores.float().masked_fill(~allowed[:, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.einsum("bhsl,blhd->bshd", p, vv)
+
+
+class VisionTower(nn.Module):
+    """SigLIP vision transformer under the stable name ``vision_model`` (parameter names
+    ``vision_tower.vision_model.embeddings…`` whatever the transformers version: 5.5 nests the
+    transformer in ``SiglipVisionModel.vision_model``, later 5.x put its modules at the top)."""
+
+    def __init__(self, siglip: nn.Module):
+        super().__init__()
+        self.vision_model = getattr(siglip, "vision_model", siglip)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, Hi, Wi)`` → last hidden state (after the post-layernorm) ``(n, T, W_vision)``."""
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+# --------------------------------------------------------------------------------------------
+# the policy
+
+
+class Pi0Policy(nn.Module):
+    """π0 / π0.5: SigLIP + Gemma VLM prefix, Gemma action expert, flow-matching action head.
+
+    Parameter names (``vision_tower``, ``projector``, ``embed_tokens``, ``vlm``, ``expert``,
+    ``action_in_proj``, ``action_out_proj``, ``state_proj``, ``action_time_mlp_in/out`` (π0),
+    ``time_mlp_in/out`` (π0.5), ``noise_head``, ``value_vlm``, ``value_expert``) map to lerobot /
+    openpi checkpoints by the table in :mod:`flowrl.models.weights`.
+    """
+
+    def __init__(self, config: PolicyConfig | str = "tiny"):
+        super().__init__()
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        c = get_config(config) if isinstance(config, str) else config
+        self.config = c
+        vcfg = SiglipVisionConfig(
+            hidden_size=c.vision_width, intermediate_size=c.vision_mlp_dim, num_hidden_layers=c.vision_depth,
+            num_attention_heads=c.vision_heads, num_channels=3, image_size=c.image_size, patch_size=c.patch_size,
+            hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False,
+        )
+        self.vision_tower = VisionTower(SiglipVisionModel(vcfg))
+        self.projector = nn.Linear(c.vision_width, c.vlm_width)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.vlm_width)
+        gemma = dict(depth=c.depth, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                     eps=c.rms_eps)
+        self.vlm = GemmaStack(c.vlm_width, c.vlm_mlp_dim, **gemma)
+        We = c.expert_width
+        self.expert = GemmaStack(We, c.expert_mlp_dim, **gemma, cond_dim=We if c.variant == "pi05" else None)
+        self.action_in_proj = nn.Linear(c.action_dim, We)
+        self.action_out_proj = nn.Linear(We, c.action_dim)
+        if c.variant == "pi0":
+            self.state_proj = nn.Linear(c.max_state_dim, We)
+            self.action_time_mlp_in = nn.Linear(2 * We, We)
+            self.action_time_mlp_out = nn.Linear(We, We)
+        else:
+            self.time_mlp_in = nn.Linear(We, We)
+            self.time_mlp_out = nn.Linear(We, We)
+        self.noise_head = NoiseHead(We, c.noise_head_hidden, c.action_dim, c.noise_std_min, c.noise_std_max)
+        self.value_vlm = ValueEnsemble(c.vlm_width, c.value_hidden, c.value_heads)
+        self.value_expert = ValueEnsemble(We, c.value_hidden, c.value_heads)
+        self._graphs: dict = {}
+
+    # ---------------------------------------------------------------- precision / devices
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_in_proj.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the Gemma activations (that of the Gemma linear weights)."""
+        return self.vlm.layers[0].self_attn.q_proj.weight.dtype
+
+    def set_precision(self, dtype: torch.dtype | str | None = None) -> Pi0Policy:
+        """Gemma weights (VLM, expert, token embeddings) in ``dtype`` (default: ``config.dtype``);
+        the vision tower, projector, all norms (incl. adaRMS dense layers), the action/state/time
+        projections and the heads stay float32 (lerobot's rule)."""
+        dtype = getattr(torch, dtype or self.config.dtype) if not isinstance(dtype, torch.dtype) else dtype
+        self.embed_tokens.to(dtype)
+        for stack in (self.vlm, self.expert):
+            for layer in stack.layers:
+                layer.self_attn.to(dtype)
+                layer.mlp.to(dtype)
+        return self
+
+    def _module_dtype(self, m: nn.Module) -> torch.dtype:
+        return next(m.parameters()).dtype
+
+    # ---------------------------------------------------------------- input validation
+
+    def _check_obs(self, obs: Observation) -> Observation:
+        c, dev = self.config, self.device
+        if not isinstance(obs, Observation):
+            raise TypeError(f"Pi0Policy: expected an Observation or a PrefixCache, got {type(obs).__name__}")
+        for name in ("images", "image_masks", "tokens", "token_masks"):
+            t = getattr(obs, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Pi0Policy: obs.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != dev:
+                raise ValueError(f"Pi0Policy: obs.{name} is on {t.device} but the policy is on {dev}")
+        im = obs.images
+        if im.dim() != 5 or im.shape[2] != 3:
+            raise ValueError(f"Pi0Policy: obs.images must be (B, C, 3, Hi, Wi), got {tuple(im.shape)}")
+        B, C = im.shape[:2]
+        if C != c.num_cameras:
+            raise ValueError(f"Pi0Policy: obs.images holds {C} cameras, the config expects num_cameras={c.num_cameras}")
+        if tuple(im.shape[3:]) != (c.image_size, c.image_size):
+            raise ValueError(f"Pi0Policy: obs.images must be {c.image_size}x{c.image_size}, got "
+                             f"{im.shape[3]}x{im.shape[4]} (resize with padding first)")
+        if not im.is_floating_point():
+            raise TypeError(f"Pi0Policy: obs.images must be float in [-1, 1], got {im.dtype}")
+        if obs.image_masks.shape != (B, C) or obs.image_masks.dtype != torch.bool:
+            raise ValueError(f"Pi0Policy: obs.image_masks must be bool (B, C) = ({B}, {C}), got "
+                             f"{obs.image_masks.dtype} {tuple(obs.image_masks.shape)}")
+        tok = obs.tokens
+        if tok.dim() != 2 or tok.shape[0] != B:
+            raise ValueError(f"Pi0Policy: obs.tokens must be (B, L) with B={B}, got {tuple(tok.shape)}")
+        if tok.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Pi0Policy: obs.tokens must be int64 token ids, got {tok.dtype}")
+        if tok.shape[1] > c.max_token_len:
+            raise ValueError(f"Pi0Policy: obs.tokens has {tok.shape[1]} tokens, above max_token_len={c.max_token_len}")
+        if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size):
+            raise ValueError(f"Pi0Policy: obs.tokens ids must lie in [0, vocab_size={c.vocab_size}), got "
+                             f"[{int(tok.min())}, {int(tok.max())}]")
+        if obs.token_masks.shape != tok.shape or obs.token_masks.dtype != torch.bool:
+            raise ValueError(f"Pi0Policy: obs.token_masks must be bool of the tokens' shape {tuple(tok.shape)}, got "
+                             f"{obs.token_masks.dtype} {tuple(obs.token_masks.shape)}")
+        state = obs.state
+        if c.variant == "pi05":
+            if state is not None:
+                raise ValueError("Pi0Policy: obs.state must be None for pi05 (the state is tokenized into the "
+                                 "language)")
+        else:
+            if state is None:
+                raise ValueError(f"Pi0Policy: obs.state (B, Ds<= {c.max_state_dim}) is required for pi0")
+            if not isinstance(state, torch.Tensor) or state.dim() != 2 or state.shape[0] != B:
+                got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+                raise ValueError(f"Pi0Policy: obs.state must be (B, Ds) with B={B}, got {got}")
+            if not state.is_floating_point():
+                raise TypeError(f"Pi0Policy: obs.state must be float, got {state.dtype}")
+            if state.device != dev:
+                raise ValueError(f"Pi0Policy: obs.state is on {state.device} but the policy is on {dev}")
+            if state.shape[1] > c.max_state_dim:
+                raise ValueError(f"Pi0Policy: obs.state has dim {state.shape[1]}, above "
+                                 f"max_state_dim={c.max_state_dim}")
+            if state.shape[1] < c.max_state_dim:
+                state = F.pad(state, (0, c.max_state_dim - state.shape[1]))
+        return replace(obs, tokens=tok.long(), state=state)
+
+    def _check_actions(self, name: str, x: torch.Tensor, lead: tuple[int, ...]) -> None:
+        c = self.config
+        shape = (*lead, c.action_horizon, c.action_dim)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Pi0Policy: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"Pi0Policy: {name} must have shape {shape}, got {tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"Pi0Policy: {name} must be float32, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"Pi0Policy: {name} is on {x.device} but the policy is on {self.device}")
+
+    # ---------------------------------------------------------------- embeddings and layers
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images ``(n, 3, Hi, Wi)`` → ``(n, T, W_vlm)`` float32 (SigLIP last hidden state → projector)."""
+        feats = self.vision_tower(images.float())
+        return self.projector(feats)
+
+    def embed_language(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens ``(B, L)`` → ``(B, L, W_vlm)``: embeddings × √W in the embedding's dtype."""
+        w = self.embed_tokens.weight
+        return self.embed_tokens(tokens) * torch.tensor(self.config.vlm_width ** 0.5, dtype=w.dtype, device=w.device)
+
+    def _qkv(self, layer: GemmaLayer, h: torch.Tensor, mod, cos: torch.Tensor, sin: torch.Tensor):
+        c = self.config
+        x, gate = layer.input_layernorm(h, mod)
+        B, S, _ = x.shape
+        a = layer.self_attn
+        q = a.q_proj(x).view(B, S, c.num_heads, c.head_dim)
+        k = a.k_proj(x).view(B, S, c.num_kv_heads, c.head_dim)
+        v = a.v_proj(x).view(B, S, c.num_kv_heads, c.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
+
+    def _post(self, layer: GemmaLayer, h: torch.Tensor, attn: torch.Tensor, gate, mod) -> torch.Tensor:
+        B, S = attn.shape[:2]
+        o = layer.self_attn.o_proj(attn.reshape(B, S, -1).to(layer.self_attn.o_proj.weight.dtype))
+        h = h + o if gate is None else h + o * gate
+        x, gate2 = layer.post_attention_layernorm(h, mod)
+        m = layer.mlp(x.to(layer.mlp.up_proj.weight.dtype))
+        return h + m if gate2 is None else h + m * gate2
+
+    # ---------------------------------------------------------------- prefix
+
+    def encode_prefix(self, obs: Observation) -> PrefixCache:
+        """Run the prefix once: images + language (+ π0 state token) → :class:`PrefixCache`.
+
+        Masked cameras are not run through SigLIP; masked cameras and padding tokens are
+        compacted away (valid tokens keep their order; RoPE positions = running count of valid
+        tokens, as in lerobot). Differentiable w.r.t. the weights.
+        """
+        obs = self._check_obs(obs)
+        c = self.config
+        dt = self.compute_dtype
+        B, C = obs.images.shape[:2]
+        T, W = c.tokens_per_image, c.vlm_width
+        dev = self.device
+        # images: only the valid (b, camera) pairs go through SigLIP
+        img_valid = obs.image_masks
+        feats = self.embed_images(obs.images[img_valid])  # (n, T, W)
+        img_emb = feats.new_zeros(B, C, T, W).index_put((img_valid,), feats) if feats.shape[0] else \
+            feats.new_zeros(B, C, T, W)
+        emb = torch.cat([img_emb.view(B, C * T, W).to(dt), self.embed_language(obs.tokens).to(dt)], dim=1)
+        valid = torch.cat([img_valid.repeat_interleave(T, dim=1), obs.token_masks], dim=1)
+        lens = valid.sum(1)
+        P = int(lens.max()) if B else 0
+        if B and int(lens.min()) == 0:
+            raise ValueError("Pi0Policy: an observation has no valid prefix token (all cameras and tokens masked)")
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :P]  # valid first, in order
+        h = emb.gather(1, order[..., None].expand(B, P, W))
+        pmask = torch.arange(P, device=dev)[None, :] < lens[:, None]  # (B, P)
+        pos = torch.arange(P, device=dev)[None].expand(B, P)
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, dt)
+        eye = torch.eye(P, dtype=torch.bool, device=dev)
+        allowed = (pmask[:, None, :] & pmask[:, :, None]) | eye  # padding rows see themselves (no NaN)
+        scale = c.head_dim ** -0.5
+        pi0 = c.variant == "pi0"
+        if pi0:
+            hs = self.state_proj(obs.state.float())[:, None, :].to(dt)  # (B, 1, We)
+            cos_s, sin_s = rope_cos_sin(lens[:, None], c.head_dim, c.rope_theta, dt)
+            allowed_s = torch.cat([pmask, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)[:, None, :]
+        ks, vs = [], []
+        for li in range(c.depth):
+            lv = self.vlm.layers[li]
+            q, k, v, gate = self._qkv(lv, h, None, cos, sin)
+            attn = _dense_attention(q, k, v, allowed, scale)
+            if pi0:
+                le = self.expert.layers[li]
+                qs, k_s, v_s, gate_s = self._qkv(le, hs, None, cos_s, sin_s)
+                k, v = torch.cat([k, k_s], 1), torch.cat([v, v_s], 1)
+                attn_s = _dense_attention(qs, k, v, allowed_s, scale)
+                hs = self._post(le, hs, attn_s, gate_s, None)
+            ks.append(k)
+            vs.append(v)
+            h = self._post(lv, h, attn, gate, None)
+        out, _ = self.vlm.norm(h)
+        w = pmask.float()[..., None]
+        pooled = (out.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if pi0:
+            pmask = torch.cat([pmask, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
+        return PrefixCache(
+            keys=torch.stack(ks), values=torch.stack(vs), prefix_mask=pmask, prefix_lens=lens,
+            suffix_offset=lens + (1 if pi0 else 0), pooled=pooled,
+        )
+
+    def _as_cache(self, obs_or_cache: Observation | PrefixCache) -> PrefixCache:
+        if isinstance(obs_or_cache, PrefixCache):
+            if obs_or_cache.keys.device != self.device:
+                raise ValueError(f"Pi0Policy: the PrefixCache is on {obs_or_cache.keys.device} but the policy is on "
+                                 f"{self.device}")
+            return obs_or_cache
+        return self.encode_prefix(obs_or_cache)
+
+    # ---------------------------------------------------------------- suffix
+
+    def time_constants(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything that depends only on the time, for times ``t (T,)`` float32.
+
+        π0: ``time_term (T, 1, We)`` = the time half of ``action_time_mlp_in`` (+ its bias).
+        π0.5: ``mods`` — per expert layer the adaRMS ``(scale, shift, gate)`` of both norms, and of
+        the final norm, each ``(T, 1, We)`` float32.
+        """
+        c = self.config
+        We = c.expert_width
+        emb = sinusoidal_time_embedding(t.float(), We, c.min_period, c.max_period)
+        if c.variant == "pi0":
+            lin = self.action_time_mlp_in
+            return {"time_term": F.linear(emb, lin.weight[:, We:], lin.bias)[:, None, :]}
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
+
+        def mod(norm):
+            return tuple(m[:, None, :] for m in norm.modulation(cond))
+
+        layers = [(mod(ly.input_layernorm), mod(ly.post_attention_layernorm)) for ly in self.expert.layers]
+        return {"layers": layers, "final": mod(self.expert.norm)}
+
+    @staticmethod
+    def _select_time(tc: dict, idx) -> dict:
+        """Time constants of one step (``idx`` an int slice) or per row (``idx`` an index tensor)."""
+        def sel(x):
+            return x[idx : idx + 1] if isinstance(idx, int) else x[idx]
+        if "time_term" in tc:
+            return {"time_term": sel(tc["time_term"])}
+        return {"layers": [(tuple(sel(m) for m in a), tuple(sel(m) for m in b)) for a, b in tc["layers"]],
+                "final": tuple(sel(m) for m in tc["final"])}
+
+    def suffix_rope(self, cache: PrefixCache, group_size: int, rows_per_obs: int | None = None):
+        """cos/sin ``(B·R, H, 1, d)`` for the action tokens (R = rows per observation)."""
+        c = self.config
+        R = rows_per_obs or group_size
+        pos = cache.suffix_offset.repeat_interleave(R)[:, None] + torch.arange(c.action_horizon, device=self.device)
+        return rope_cos_sin(pos, c.head_dim, c.rope_theta, self.compute_dtype)
+
+    def suffix_features(self, cache: PrefixCache, x: torch.Tensor, tc: dict, group_size: int, rope) -> torch.Tensor:
+        """Action tokens through the expert over the cached prefix.
+
+        Args:
+            cache: prefix of B observations; x: ``(B·N, H, D)`` float32 noisy actions (rows of one
+                observation consecutive); tc: time constants broadcastable to the rows
+                (:meth:`time_constants`); group_size: N; rope: :meth:`suffix_rope`.
+        Returns:
+            ``(B·N, H, We)`` final-normed expert features (compute dtype).
+        """
+        c = self.config
+        dt = self.compute_dtype
+        We = c.expert_width
+        a = self.action_in_proj(x.float())
+        if c.variant == "pi0":
+            lin = self.action_time_mlp_in
+            h = F.silu(F.linear(a, lin.weight[:, :We]) + tc["time_term"])
+            h = self.action_time_mlp_out(h)
+            mods = [(None, None)] * c.depth
+            fmod = None
+        else:
+            h = a
+            mods, fmod = tc["layers"], tc["final"]
+        h = h.to(dt)
+        cos, sin = rope
+        scale = c.head_dim ** -0.5
+        for li, layer in enumerate(self.expert.layers):
+            q, k, v, gate = self._qkv(layer, h, mods[li][0], cos, sin)
+            attn = fk.prefix_attention(q, k, v, cache.keys[li], cache.values[li], prefix_mask=cache.prefix_mask,
+                                       group_size=group_size, scale=scale)
+            h = self._post(layer, h, attn, gate, mods[li][1])
+        out, _ = self.expert.norm(h, fmod)
+        return out
+
+    def velocity(self, feats: torch.Tensor) -> torch.Tensor:
+        """Expert features ``(…, H, We)`` → velocity ``(…, H, D)`` float32."""
+        return self.action_out_proj(feats.float())
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample_actions(
+        self,
+        obs_or_cache: Observation | PrefixCache,
+        mode: str = "ode",
+        num_steps: int | None = None,
+        group_size: int = 1,
+        noise: torch.Tensor | None = None,
+        step_noise: torch.Tensor | None = None,
+        sde_steps: torch.Tensor | None = None,
+        noise_level: float | None = None,
+        dim_mask: torch.Tensor | None = None,
+        step_mask: torch.Tensor | None = None,
+        return_chain: bool = True,
+        generator: torch.Generator | None = None,
+        cuda_graph: bool = False,
+    ) -> SampleResult:
+        """Denoise K steps from ``x_{t_0} = ε`` on the grid ``t_k = 1 − k/K`` (no gradients).
+
+        Args:
+            obs_or_cache: an :class:`Observation` of B observations or their :class:`PrefixCache`.
+            mode: ``"ode"`` (Euler), ``"sde"`` (Flow-SDE) or ``"noise"`` (Flow-Noise, std from the
+                noise head).
+            num_steps: K (default ``config.num_steps``).
+            group_size: N rows per observation (sharing one prefix); rows ``b·N … b·N + N − 1``.
+            noise: ``(B·N, H, D)`` float32 initial noise ε (default: drawn from ``generator``).
+            step_noise: ``(B·N, K, H, D)`` float32 transition noise for sde / noise (default:
+                drawn inside flowkernels.flow_step from a seed drawn from ``generator``).
+            sde_steps: ``(B·N,)`` int64: with mode ``"sde"``, only step ``k*`` of each row is
+                stochastic (Flow-SDE's hybrid), the others ODE. None: every step SDE.
+            noise_level: Flow-SDE ``a`` (default ``config.noise_level``).
+            dim_mask: ``(D,)`` / ``(B·N, D)``; step_mask: ``(H,)`` / ``(B·N, H)``: elements summed in
+                the log-probs.
+            return_chain: keep the chain, means and stds (else only actions and log-probs).
+            cuda_graph: capture the K-step loop in a CUDA graph (CUDA only; replayed on later
+                calls with the same cache object and shapes; ``noise`` and ``step_noise`` are
+                drawn outside the graph).
+        Returns:
+            :class:`SampleResult`.
+        """
+        c = self.config
+        if mode not in MODES:
+            raise ValueError(f"Pi0Policy.sample_actions: mode must be one of {MODES}, got {mode!r}")
+        K = c.num_steps if num_steps is None else num_steps
+        if not isinstance(K, int) or K < 1:
+            raise ValueError(f"Pi0Policy.sample_actions: num_steps must be an int >= 1, got {K!r}")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"Pi0Policy.sample_actions: group_size must be an int >= 1, got {group_size!r}")
+        a = c.noise_level if noise_level is None else float(noise_level)
+        with torch.no_grad():
+            cache = self._as_cache(obs_or_cache)
+            B, N = cache.batch_size, group_size
+            BN, H, D = B * N, c.action_horizon, c.action_dim
+            dev = self.device
+            if noise is None:
+                noise = torch.randn(BN, H, D, device=dev, generator=generator)
+            self._check_actions("noise", noise, (BN,))
+            if step_noise is not None:
+                self._check_actions("step_noise", step_noise, (BN, K))
+            if sde_steps is not None:
+                if mode != "sde":
+                    raise ValueError("Pi0Policy.sample_actions: sde_steps is only used with mode 'sde'")
+                if not isinstance(sde_steps, torch.Tensor) or sde_steps.shape != (BN,) or sde_steps.dtype not in (
+                        torch.int64, torch.int32):
+                    raise ValueError(f"Pi0Policy.sample_actions: sde_steps must be an int tensor of shape (B·N,) = "
+                                     f"({BN},)")
+                if int(sde_steps.min()) < 0 or int(sde_steps.max()) >= K:
+                    raise ValueError(f"Pi0Policy.sample_actions: sde_steps must lie in [0, K={K})")
+            seeds = None
+            if mode != "ode" and step_noise is None:
+                seeds = torch.randint(0, 2**62, (K,), generator=generator, device="cpu" if generator is None
+                                      else generator.device).tolist()
+            if cuda_graph:
+                return self._sample_graphed(cache, mode, K, N, noise, step_noise, sde_steps, a, dim_mask, step_mask,
+                                            return_chain)
+            return self._sample_loop(cache, mode, K, N, noise, step_noise, sde_steps, a, dim_mask, step_mask,
+                                     return_chain, seeds)
+
+    def _sample_loop(self, cache, mode, K, N, noise, step_noise, sde_steps, a, dim_mask, step_mask, return_chain,
+                     seeds=None) -> SampleResult:
+        cache.batch_size * N
+        grid = _time_grid(K)
+        dt = 1.0 / K
+        t_grid = torch.tensor(grid, dtype=torch.float32, device=self.device)
+        tc = self.time_constants(t_grid[:K])
+        rope = self.suffix_rope(cache, N)
+        x = noise
+        xs, means, stds, logps = [x], [], [], []
+        for k in range(K):
+            feats = self.suffix_features(cache, x, self._select_time(tc, k), N, rope)
+            v = self.velocity(feats)
+            kw = dict(dim_mask=dim_mask, step_mask=step_mask, noise_level=a,
+                      noise=None if step_noise is None else step_noise[:, k],
+                      seed=None if seeds is None else seeds[k])
+            if mode == "noise":
+                r = fk.flow_step(x, v, grid[k], dt, "noise", std=self.noise_head(feats), **kw)
+                std = r.std
+            elif mode == "sde" and sde_steps is not None:
+                r_ode = fk.flow_step(x, v, grid[k], dt, "ode")
+                r_sde = fk.flow_step(x, v, grid[k], dt, "sde", **kw)
+                sel = (sde_steps == k)
+                s3 = sel[:, None, None]
+                r = fk.FlowStepResult(torch.where(s3, r_sde.x_next, r_ode.x_next),
+                                      torch.where(s3, r_sde.mean, r_ode.mean),
+                                      torch.where(s3, r_sde.std, torch.zeros_like(r_sde.std)),
+                                      torch.where(sel, r_sde.logp, torch.zeros_like(r_sde.logp)))
+                std = r.std
+            else:
+                r = fk.flow_step(x, v, grid[k], dt, mode, **kw)
+                std = r.std
+            x = r.x_next
+            logps.append(r.logp.float())
+            if return_chain:
+                xs.append(x)
+                means.append(r.mean)
+                stds.append(std)
+        step_logps = torch.stack(logps, 1)
+        init = self._initial_logp(noise, dim_mask, step_mask)
+        logp = step_logps.sum(1) + (init if mode == "noise" else 0.0)
+        return SampleResult(
+            actions=x, chain=torch.stack(xs, 1) if return_chain else None,
+            means=torch.stack(means, 1) if return_chain else None,
+            stds=torch.stack(stds, 1) if return_chain else None,
+            step_logps=step_logps, initial_logp=init, logp=logp, t_grid=t_grid,
+        )
+
+    def _initial_logp(self, x0: torch.Tensor, dim_mask, step_mask) -> torch.Tensor:
+        """``Σ w·(−½ log 2π − ½ x0²)`` over the masked elements, ``(B,)`` float32."""
+        w = torch.ones_like(x0[0])
+        if step_mask is not None:
+            w = w * step_mask.float()[..., :, None] if step_mask.dim() == 1 else w * step_mask.float()[:, :, None]
+        if dim_mask is not None:
+            w = w * dim_mask.float()[..., None, :] if dim_mask.dim() == 1 else w * dim_mask.float()[:, None, :]
+        return ((-0.5 * _LOG_2PI - 0.5 * x0.float().square()) * w).sum((-2, -1))
+
+    def _sample_graphed(self, cache, mode, K, N, noise, step_noise, sde_steps, a, dim_mask, step_mask, return_chain):
+        """CUDA-graph capture/replay of :meth:`_sample_loop` (static buffers for the noise)."""
+        if self.device.type != "cuda":
+            raise ValueError("Pi0Policy.sample_actions: cuda_graph=True needs the policy on a CUDA device")
+        BN, H, D = noise.shape
+        if mode != "ode" and step_noise is None:
+            step_noise = torch.randn(BN, K, H, D, device=self.device)
+        key = (id(cache), mode, K, N, BN, a, return_chain, sde_steps is not None, dim_mask is not None,
+               step_mask is not None)
+        entry = self._graphs.get(key)
+        if entry is None or entry["cache"] is not cache:
+            st = {"noise": noise.clone(), "step_noise": None if step_noise is None else step_noise.clone(),
+                  "sde_steps": None if sde_steps is None else sde_steps.clone(),
+                  "dim_mask": None if dim_mask is None else dim_mask.clone(),
+                  "step_mask": None if step_mask is None else step_mask.clone()}
+
+            def run():
+                return self._sample_loop(cache, mode, K, N, st["noise"], st["step_noise"], st["sde_steps"], a,
+                                         st["dim_mask"], st["step_mask"], return_chain)
+
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):  # warm up (lazy inits, autotuning) outside the capture
+                    run()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+            entry = {"cache": cache, "graph": graph, "static": st, "out": out}
+            self._graphs = {key: entry}  # one live graph (it pins the cache's memory)
+        st = entry["static"]
+        for name, val in (("noise", noise), ("step_noise", step_noise), ("sde_steps", sde_steps),
+                          ("dim_mask", dim_mask), ("step_mask", step_mask)):
+            if val is not None:
+                st[name].copy_(val)
+        entry["graph"].replay()
+        out = entry["out"]
+        return SampleResult(*(None if f is None else f.clone() for f in (
+            out.actions, out.chain, out.means, out.stds, out.step_logps, out.initial_logp, out.logp, out.t_grid)))
+
+    # ---------------------------------------------------------------- training-time recomputation
+
+    def cfm_losses(
+        self,
+        obs_or_cache: Observation | PrefixCache,
+        actions: torch.Tensor,
+        noise: torch.Tensor,
+        tau: torch.Tensor,
+        dim_mask: torch.Tensor | None = None,
+        step_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-pair conditional flow-matching losses, N (τ, ε) pairs per observation, one prefix pass.
+
+        Args:
+            actions: ``(B, H, D)`` float32 action chunks A; noise: ``(B, N, H, D)`` ε; tau: ``(B, N)`` τ.
+            dim_mask: ``(D,)`` / ``(B, D)``; step_mask: ``(H,)`` / ``(B, H)``.
+        Returns:
+            ``(B, N)`` float32 ``mean over masked (h, d) of (v(x_τ, τ) − (ε − A))²``, differentiable.
+        """
+        cache = self._as_cache(obs_or_cache)
+        B = cache.batch_size
+        self._check_actions("actions", actions, (B,))
+        if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or noise.shape[0] != B:
+            raise ValueError(f"Pi0Policy.cfm_losses: noise must be (B={B}, N, H, D), got "
+                             f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+        N = noise.shape[1]
+        self._check_actions("noise", noise, (B, N))
+        if not isinstance(tau, torch.Tensor) or tau.shape != (B, N):
+            raise ValueError(f"Pi0Policy.cfm_losses: tau must be (B, N) = ({B}, {N})")
+        x_tau = fk.cfm_interpolate(actions, noise, tau)  # (B, N, H, D)
+        tc = self.time_constants(tau.reshape(-1).float())
+        feats = self.suffix_features(cache, x_tau.reshape(B * N, *x_tau.shape[2:]), tc, N, self.suffix_rope(cache, N))
+        v = self.velocity(feats).view(B, N, *actions.shape[1:])
+        return fk.cfm_loss(actions, noise, tau, v, dim_mask=dim_mask, step_mask=step_mask)
+
+    def chain_logprob(
+        self,
+        obs_or_cache: Observation | PrefixCache,
+        chain: torch.Tensor,
+        mode: str,
+        group_size: int = 1,
+        steps: torch.Tensor | None = None,
+        noise_level: float | None = None,
+        dim_mask: torch.Tensor | None = None,
+        step_mask: torch.Tensor | None = None,
+        include_initial: bool | None = None,
+        reduce: str = "sum",
+    ) -> torch.Tensor:
+        """Log-prob of stored chains under the current weights (velocities recomputed with gradients).
+
+        All K (or, with ``steps``, the one) velocities of all ``B·N`` rows are one suffix pass
+        over one prefix pass (``N·K`` rows per observation share the prefix).
+
+        Args:
+            chain: ``(B·N, K+1, H, D)`` float32 from :meth:`sample_actions`.
+            mode: ``"noise"`` (Flow-Noise joint likelihood; std from the noise head) or ``"sde"``.
+            steps: ``(B·N,)`` int64: Flow-SDE's stochastic step ``k*`` per row (single transition).
+            include_initial: add ``log N(x_{t_0}; 0, I)`` (default: True for noise, False for sde).
+            reduce: ``"sum" | "mean" | "none"`` as in ``flowkernels.chain_logprob``.
+        Returns:
+            ``(B·N,)`` float32 (``(B·N, K+1)`` for reduce ``"none"``), differentiable.
+        """
+        if mode not in ("sde", "noise"):
+            raise ValueError(f"Pi0Policy.chain_logprob: mode must be 'sde' or 'noise', got {mode!r}")
+        cache = self._as_cache(obs_or_cache)
+        c = self.config
+        N = group_size
+        BN = cache.batch_size * N
+        if not isinstance(chain, torch.Tensor) or chain.dim() != 4 or chain.shape[0] != BN:
+            raise ValueError(f"Pi0Policy.chain_logprob: chain must be (B·N={BN}, K+1, H, D), got "
+                             f"{tuple(chain.shape) if isinstance(chain, torch.Tensor) else type(chain).__name__}")
+        K = chain.shape[1] - 1
+        self._check_actions("chain", chain, (BN, K + 1))
+        grid = _time_grid(K)
+        t_grid = torch.tensor(grid, dtype=torch.float32, device=self.device)
+        tc = self.time_constants(t_grid[:K])
+        a = c.noise_level if noise_level is None else float(noise_level)
+        if include_initial is None:
+            include_initial = mode == "noise"
+        if steps is not None:
+            if not isinstance(steps, torch.Tensor) or steps.shape != (BN,):
+                raise ValueError(f"Pi0Policy.chain_logprob: steps must be an int tensor of shape ({BN},)")
+            x = chain[torch.arange(BN, device=self.device), steps.long()]  # (BN, H, D)
+            feats = self.suffix_features(cache, x, self._select_time(tc, steps.long()), N, self.suffix_rope(cache, N))
+            v = self.velocity(feats)[:, None]
+            std = self.noise_head(feats)[:, None] if mode == "noise" else None
+        else:
+            x = chain[:, :K].reshape(BN * K, *chain.shape[2:])  # rows (b, n, k): N·K rows per observation
+            k_idx = torch.arange(K, device=self.device).repeat(BN)
+            feats = self.suffix_features(cache, x, self._select_time(tc, k_idx), N * K,
+                                         self.suffix_rope(cache, N * K))
+            v = self.velocity(feats).view(BN, K, *chain.shape[2:])
+            std = self.noise_head(feats).view(BN, K, *chain.shape[2:]) if mode == "noise" else None
+        return fk.chain_logprob(chain, v, t_grid, mode, std=std, noise_level=a, dim_mask=dim_mask,
+                                step_mask=step_mask, steps=steps, include_initial=include_initial, reduce=reduce)
+
+    # ---------------------------------------------------------------- value heads
+
+    def value(self, obs_or_cache: Observation | PrefixCache, side: str = "vlm", detach: bool = True) -> torch.Tensor:
+        """Ensemble values ``(B, M)`` float32.
+
+        ``side="vlm"``: on the mean of the VLM's final-normed prefix outputs (π0.5-style critic).
+        ``side="expert"``: on the mean of the action expert's output tokens for ``x = 0`` at
+        ``t = 1`` (one suffix pass). The features are detached unless ``detach=False``.
+        """
+        cache = self._as_cache(obs_or_cache)
+        if side == "vlm":
+            feats = cache.pooled
+            head = self.value_vlm
+        elif side == "expert":
+            c = self.config
+            B = cache.batch_size
+            x = torch.zeros(B, c.action_horizon, c.action_dim, device=self.device)
+            tc = self.time_constants(torch.ones(1, device=self.device))
+            feats = self.suffix_features(cache, x, tc, 1, self.suffix_rope(cache, 1)).float().mean(1)
+            head = self.value_expert
+        else:
+            raise ValueError(f"Pi0Policy.value: side must be 'vlm' or 'expert', got {side!r}")
+        return head(feats.detach() if detach else feats)
+
+    # ---------------------------------------------------------------- freezing
+
+    def freeze(self, mode: str = "expert_only") -> Pi0Policy:
+        """Set ``requires_grad``.
+
+        * ``expert_only``: train the action expert, the action/state/time projections and the
+          heads; freeze the vision tower, projector, token embeddings and the VLM.
+        * ``expert_and_vlm``: also train the VLM (Gemma layers, token embeddings, projector);
+          freeze only the vision tower.
+        * ``none``: everything trainable.
+        """
+        if mode not in FREEZE_MODES:
+            raise ValueError(f"Pi0Policy.freeze: mode must be one of {FREEZE_MODES}, got {mode!r}")
+        for p in self.parameters():
+            p.requires_grad_(True)
+        frozen: list[nn.Module] = []
+        if mode in ("expert_only", "expert_and_vlm"):
+            frozen.append(self.vision_tower)
+        if mode == "expert_only":
+            frozen += [self.projector, self.embed_tokens, self.vlm]
+        for m in frozen:
+            for p in m.parameters():
+                p.requires_grad_(False)
+        return self
+
+    # ---------------------------------------------------------------- weights
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically
+        (temp file in the same directory, then ``os.replace``)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt",
+                                                                                          "flowrl": "pi0policy"}))
+        cfg = {"flowrl_policy": True, **self.config.to_dict()}
+        _atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, config: PolicyConfig | None = None,
+                        strict: bool = True, **overrides: Any) -> Pi0Policy:
+        """Load a local checkpoint directory: this project's format, lerobot's PI0/PI05
+        (``model.safetensors`` + ``config.json``) or openpi's PyTorch conversion. Never contacts
+        a hub. See :func:`flowrl.models.weights.load_policy`."""
+        from flowrl.models.weights import load_policy
+
+        return load_policy(cls, directory, config=config, strict=strict, **overrides)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

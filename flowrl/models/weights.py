@@ -1,0 +1,245 @@
+"""Checkpoint loading: this project's format, lerobot PI0 / PI05, openpi's PyTorch conversion.
+
+All three are local directories holding ``model.safetensors`` (and usually ``config.json``);
+nothing is ever fetched from a hub.
+
+The key map is a prefix table (:data:`KEY_MAP`): our module names mirror transformers' Gemma /
+SigLIP names below the prefix, so a source key maps by replacing one prefix. Source keys are
+first normalized by :data:`KEY_ALIASES` (the ``model.`` prefix of lerobot's policy wrapper,
+older transformers layouts, openpi's π0 ``time_mlp_*`` naming). Keys that the policy does not use
+(the LM heads) are dropped; a tied ``lm_head`` stands in for a missing ``embed_tokens``. Any other
+unmatched source key, and any missing policy key outside the new heads (``noise_head``,
+``value_vlm``, ``value_expert``, which lerobot checkpoints do not hold and keep their fresh
+initialization), is listed in a :class:`CheckpointKeyError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flowrl.models.config import PolicyConfig
+
+if TYPE_CHECKING:
+    from flowrl.models.policy import Pi0Policy
+
+__all__ = ["KEY_ALIASES", "KEY_MAP", "CheckpointKeyError", "from_lerobot_state_dict", "load_policy",
+           "to_lerobot_state_dict"]
+
+_PG = "paligemma_with_expert.paligemma.model."
+_EX = "paligemma_with_expert.gemma_expert.model."
+
+#: (our prefix, lerobot prefix without lerobot's ``model.`` wrapper prefix; openpi's PyTorch keys
+#: are these lerobot keys without ``model.``). Below the prefix the names are identical.
+KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("vision_tower.vision_model.", _PG + "vision_tower.vision_model."),
+    ("projector.", _PG + "multi_modal_projector.linear."),
+    ("embed_tokens.", _PG + "language_model.embed_tokens."),
+    ("vlm.", _PG + "language_model."),  # layers.{i}.{self_attn,mlp,input_layernorm,post_attention_layernorm}, norm
+    ("expert.", _EX),  # same; adaRMS norms (π0.5) as ``…layernorm.dense.{weight,bias}``, ``norm.dense.*``
+    ("action_in_proj.", "action_in_proj."),
+    ("action_out_proj.", "action_out_proj."),
+    ("state_proj.", "state_proj."),  # π0
+    ("action_time_mlp_in.", "action_time_mlp_in."),  # π0
+    ("action_time_mlp_out.", "action_time_mlp_out."),  # π0
+    ("time_mlp_in.", "time_mlp_in."),  # π0.5
+    ("time_mlp_out.", "time_mlp_out."),  # π0.5
+)
+
+#: Source-key rewrites applied (in order) before the map: (regex, replacement, variant or None).
+KEY_ALIASES: tuple[tuple[str, str, str | None], ...] = (
+    (r"^model\.", "", None),  # lerobot's PI0Policy/PI05Policy wrapper
+    (r"^paligemma_with_expert\.paligemma\.language_model\.model\.", _PG + "language_model.", None),  # tf < 4.52
+    (r"^paligemma_with_expert\.paligemma\.language_model\.", _PG + "language_model.", None),
+    (r"^paligemma_with_expert\.paligemma\.vision_tower\.", _PG + "vision_tower.", None),
+    (r"^paligemma_with_expert\.paligemma\.multi_modal_projector\.", _PG + "multi_modal_projector.", None),
+    (r"vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", None),  # tf >= 5.x flattened SigLIP
+    (r"^time_mlp_(in|out)\.", r"action_time_mlp_\1.", "pi0"),  # openpi π0 naming (lerobot's fix)
+)
+
+#: Source keys the policy does not use.
+IGNORED_KEYS = (
+    "paligemma_with_expert.paligemma.lm_head.weight",
+    "paligemma_with_expert.gemma_expert.lm_head.weight",
+    "paligemma_with_expert.gemma_expert.model.embed_tokens.weight",
+)
+#: Our parameters that foreign checkpoints do not hold (fresh initialization is kept).
+NEW_PREFIXES = ("noise_head.", "value_vlm.", "value_expert.")
+
+
+class CheckpointKeyError(KeyError):
+    """Unmatched / missing checkpoint keys; ``unexpected`` and ``missing`` list them."""
+
+    def __init__(self, path: str, unexpected: list[str], missing: list[str], shape_errors: list[str]):
+        self.unexpected, self.missing, self.shape_errors = unexpected, missing, shape_errors
+        lines = [f"checkpoint {path} does not match the policy:"]
+        for title, keys in (("unmatched checkpoint keys", unexpected), ("missing policy keys", missing),
+                            ("shape mismatches", shape_errors)):
+            if keys:
+                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+                lines.append(f"  {title} ({len(keys)}):\n    " + "\n    ".join(shown))
+        self.message = "\n".join(lines)
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _normalize(key: str, variant: str) -> str:
+    for pat, rep, var in KEY_ALIASES:
+        if var is None or var == variant:
+            key = re.sub(pat, rep, key)
+    return key
+
+
+def from_lerobot_state_dict(sd: dict[str, torch.Tensor], variant: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """lerobot / openpi keys → our keys. Returns ``(mapped, unmatched source keys)``."""
+    table = sorted(KEY_MAP, key=lambda kv: -len(kv[1]))  # longest source prefix first
+    out: dict[str, torch.Tensor] = {}
+    unmatched: list[str] = []
+    lm_head = None
+    for key, val in sd.items():
+        k = _normalize(key, variant)
+        if k in IGNORED_KEYS:
+            if k == IGNORED_KEYS[0]:
+                lm_head = val
+            continue
+        for ours, theirs in table:
+            if k.startswith(theirs):
+                out[ours + k[len(theirs):]] = val
+                break
+        else:
+            unmatched.append(key)
+    if "embed_tokens.weight" not in out and lm_head is not None:  # tied embeddings saved once
+        out["embed_tokens.weight"] = lm_head
+    return out, unmatched
+
+
+def to_lerobot_state_dict(sd: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Our keys → lerobot keys (``prefix="model."``) or openpi PyTorch keys (``prefix=""``); the new heads
+    are dropped."""
+    table = sorted(KEY_MAP, key=lambda kv: -len(kv[0]))
+    out = {}
+    for key, val in sd.items():
+        if key.startswith(NEW_PREFIXES):
+            continue
+        for ours, theirs in table:
+            if key.startswith(ours):
+                out[prefix + theirs + key[len(ours):]] = val
+                break
+        else:
+            raise KeyError(f"to_lerobot_state_dict: no lerobot name for {key!r}")
+    return out
+
+
+def _infer_config(sd: dict[str, torch.Tensor], meta: dict[str, Any], variant: str, overrides: dict[str, Any]
+                  ) -> PolicyConfig:
+    """Sizes from the mapped tensors' shapes, the rest from lerobot's config.json (``meta``)."""
+    base = PolicyConfig(variant=variant)
+
+    def shape(k):
+        if k not in sd:
+            raise CheckpointKeyError("(config inference)", [], [k], [])
+        return tuple(sd[k].shape)
+
+    kv_dim = shape("vlm.layers.0.self_attn.k_proj.weight")[0]
+    q_dim = shape("vlm.layers.0.self_attn.q_proj.weight")[0]
+    num_kv = overrides.get("num_kv_heads", 1)
+    head_dim = kv_dim // num_kv
+    vw, _, ps, _ = shape("vision_tower.vision_model.embeddings.patch_embedding.weight")
+    if vw != 1152 and "vision_heads" not in overrides:
+        # the head count of a SigLIP tower cannot be read off its weights; So400m (1152) has 16
+        raise ValueError(f"from_pretrained: this checkpoint's SigLIP tower has width {vw} (not So400m's 1152), and "
+                         "its number of attention heads cannot be read from the weights: pass vision_heads=... "
+                         "(or a full config=PolicyConfig(...))")
+    npos = shape("vision_tower.vision_model.embeddings.position_embedding.weight")[0]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"vlm\.layers\.(\d+)\.", k)))
+    vdepth = 1 + max(int(m.group(1)) for k in sd
+                     if (m := re.match(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", k)))
+    res = meta.get("image_resolution") or [round(npos ** 0.5) * ps] * 2
+    feats = meta.get("input_features") or {}
+    cams = [k for k, v in feats.items() if isinstance(v, dict) and v.get("type") == "VISUAL"]
+    fields: dict[str, Any] = dict(
+        variant=variant,
+        action_dim=shape("action_in_proj.weight")[1],
+        action_horizon=meta.get("chunk_size", base.action_horizon),
+        max_state_dim=shape("state_proj.weight")[1] if variant == "pi0" else meta.get("max_state_dim", 32),
+        num_cameras=len(cams) or base.num_cameras,
+        image_size=int(res[0]),
+        vocab_size=shape("embed_tokens.weight")[0],
+        max_token_len=meta.get("tokenizer_max_length", base.max_token_len if variant == "pi0" else 200),
+        vision_width=vw, vision_depth=vdepth,
+        vision_mlp_dim=shape("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        vision_heads=16, patch_size=ps,
+        depth=depth, num_heads=q_dim // head_dim, num_kv_heads=num_kv, head_dim=head_dim,
+        vlm_width=shape("vlm.layers.0.self_attn.q_proj.weight")[1],
+        vlm_mlp_dim=shape("vlm.layers.0.mlp.gate_proj.weight")[0],
+        expert_width=shape("expert.layers.0.self_attn.q_proj.weight")[1],
+        expert_mlp_dim=shape("expert.layers.0.mlp.gate_proj.weight")[0],
+        min_period=meta.get("min_period", base.min_period), max_period=meta.get("max_period", base.max_period),
+        num_steps=meta.get("num_inference_steps", base.num_steps),
+        dtype=meta.get("dtype", "float32") if meta.get("dtype") in ("float32", "bfloat16") else "float32",
+    )
+    fields.update(overrides)
+    return PolicyConfig(**fields)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no model.safetensors in {path.parent} (a local checkpoint directory is required; "
+                                "nothing is downloaded)")
+    return load_file(str(path))
+
+
+def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: PolicyConfig | None = None,
+                strict: bool = True, **overrides: Any) -> Pi0Policy:
+    """Load ``directory`` (our format, lerobot PI0/PI05, or openpi PyTorch) into a new policy.
+
+    ``config``: use these sizes instead of reading / inferring them. ``overrides``: fields that
+    cannot be read off a foreign checkpoint (e.g. ``vision_heads`` of a non-So400m tower).
+    ``strict``: raise :class:`CheckpointKeyError` on unmatched or missing keys.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"from_pretrained: {d} is not a local directory (no hub access)")
+    meta: dict[str, Any] = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    raw = _load_safetensors(d / "model.safetensors")
+    if meta.get("flowrl_policy"):
+        cfg = config or PolicyConfig.from_dict({k: v for k, v in meta.items() if k != "flowrl_policy"})
+        sd, unmatched, fmt = raw, [], "flowrl"
+    else:
+        typ = meta.get("type")
+        if typ in ("pi0", "pi05"):
+            variant = typ
+        elif config is not None:
+            variant = config.variant
+        else:
+            variant = "pi05" if any(".dense." in k or k.startswith(("time_mlp", "model.time_mlp")) for k in raw) and \
+                not any("state_proj" in k for k in raw) else "pi0"
+        sd, unmatched = from_lerobot_state_dict(raw, variant)
+        cfg = config or _infer_config(sd, meta, variant, overrides)
+        fmt = "lerobot" if any(k.startswith("model.") for k in raw) else "openpi"
+    policy = cls(cfg)
+    q = sd.get("vlm.layers.0.self_attn.q_proj.weight")
+    if q is not None and q.dtype != policy.compute_dtype:
+        policy.set_precision(q.dtype)  # keep the checkpoint's Gemma dtype (bit-exact round trips)
+    own = policy.state_dict()
+    missing = [k for k in own if k not in sd and not (fmt != "flowrl" and k.startswith(NEW_PREFIXES))]
+    unexpected = unmatched + [k for k in sd if k not in own]
+    shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs policy {tuple(own[k].shape)}"
+                    for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shape_errors or (strict and (missing or unexpected)):
+        raise CheckpointKeyError(str(d), unexpected, missing, shape_errors)
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k in own:
+                own[k].copy_(v.to(own[k].dtype))
+    policy.load_format = fmt  # type: ignore[attr-defined]
+    return policy

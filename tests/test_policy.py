@@ -1,0 +1,508 @@
+"""The π0 / π0.5 policy (flowrl.models) on the tiny config, CPU, float32.
+
+The oracle is a NAIVE π0 written plainly here: the full prefix + suffix sequence through both
+Gemma stacks at every denoising step, one dense (cumulative "ar") mask, plain softmax attention,
+plain Euler / Flow-SDE / Flow-Noise steps; no flowkernels, no cache, no compaction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowrl.models import Observation, Pi0Policy, PrefixCache, get_config
+from flowrl.models.weights import CheckpointKeyError, to_lerobot_state_dict
+
+torch.set_num_threads(2)
+VARIANTS = ["pi0", "pi05"]
+
+
+def _randomize(p: Pi0Policy, seed: int = 0) -> Pi0Policy:
+    """Non-trivial norms / adaRMS / noise head (their init is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in p.named_parameters():
+            if "norm" in name and "vision" not in name:
+                t.add_(0.2 * torch.randn(t.shape, generator=g))
+            if name.startswith("noise_head.fc2"):
+                t.add_(0.5 * torch.randn(t.shape, generator=g))
+    return p
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def policy(request) -> Pi0Policy:
+    torch.manual_seed(0)
+    return _randomize(Pi0Policy(get_config("tiny", variant=request.param))).eval()
+
+
+def make_obs(p: Pi0Policy, B: int = 3, seed: int = 1) -> Observation:
+    """Masked cameras and token padding present (row 1: camera 1 off; row 2: camera 0 off; holes)."""
+    c = p.config
+    g = torch.Generator().manual_seed(seed)
+    L = c.max_token_len - 3
+    images = torch.rand(B, c.num_cameras, 3, c.image_size, c.image_size, generator=g) * 2 - 1
+    im_mask = torch.ones(B, c.num_cameras, dtype=torch.bool)
+    if B > 1:
+        im_mask[1, -1] = False
+    if B > 2:
+        im_mask[2, 0] = False
+    tokens = torch.randint(0, c.vocab_size, (B, L), generator=g)
+    lens = torch.tensor([L, L // 2, L - 4, 3][:B] + [L] * max(0, B - 4))
+    tmask = torch.arange(L)[None] < lens[:, None]
+    if B > 2:
+        tmask[2, 1] = False  # a hole inside the prompt
+    state = torch.randn(B, c.max_state_dim - 5, generator=g) if c.variant == "pi0" else None
+    return Observation(images, im_mask, tokens, tmask, state)
+
+
+# ------------------------------------------------------------------------------------------------
+# the naive oracle
+
+
+def _norm(x, w=None, mod=None, eps=1e-6):
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if mod is None:
+        return y * (1 + w), None
+    scale, shift, gate = mod
+    return y * (1 + scale) + shift, gate
+
+
+def _rope(x, pos, theta=1e4):
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    f = pos[..., None].float() * inv
+    emb = torch.cat([f, f], -1)[:, :, None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * emb.cos() + torch.cat([-x2, x1], -1) * emb.sin()
+
+
+def _time_emb(t: float, dim: int) -> torch.Tensor:
+    t = float(torch.tensor(t, dtype=torch.float32))  # lerobot's time is a float32 tensor
+    frac = torch.linspace(0, 1, dim // 2, dtype=torch.float64)
+    period = 4e-3 * (4.0 / 4e-3) ** frac
+    x = 2 * math.pi / period * t
+    return torch.cat([x.sin(), x.cos()]).float()
+
+
+def naive_velocity(p: Pi0Policy, obs: Observation, x: torch.Tensor, t: float):
+    """Full joint forward of one denoising step; returns (velocity (B,H,D), expert features (B,H,We))."""
+    c = p.config
+    B, C = obs.images.shape[:2]
+    T, H = c.tokens_per_image, c.action_horizon
+    img = p.projector(p.vision_tower(obs.images.flatten(0, 1))).view(B, C * T, -1)
+    lang = p.embed_tokens(obs.tokens) * math.sqrt(c.vlm_width)
+    pre = torch.cat([img, lang], 1)
+    pre_valid = torch.cat([obs.image_masks.repeat_interleave(T, 1), obs.token_masks], 1)
+    temb = _time_emb(t, c.expert_width).to(x.dtype)[None, None].expand(B, H, -1)
+    a = p.action_in_proj(x)
+    cond = None
+    if c.variant == "pi0":
+        state = F.pad(obs.state, (0, c.max_state_dim - obs.state.shape[1]))
+        h_act = p.action_time_mlp_out(F.silu(p.action_time_mlp_in(torch.cat([a, temb], -1))))
+        suf = torch.cat([p.state_proj(state)[:, None], h_act], 1)
+        ar_suf = [1, 1] + [0] * (H - 1)
+    else:
+        cond = F.silu(p.time_mlp_out(F.silu(p.time_mlp_in(temb[:, 0]))))[:, None]
+        suf = a
+        ar_suf = [1] + [0] * (H - 1)
+    Pn, S = pre.shape[1], suf.shape[1]
+    pad = torch.cat([pre_valid, torch.ones(B, S, dtype=torch.bool)], 1)
+    ar = torch.tensor([0] * Pn + ar_suf)
+    cs = ar.cumsum(0)
+    allowed = (cs[None, :] <= cs[:, None])[None] & pad[:, None, :] & pad[:, :, None]
+    pos = pad.long().cumsum(1) - 1
+    hs = [pre, suf]
+    for lv, le in zip(p.vlm.layers, p.expert.layers):
+        layers = [lv, le]
+        qs, ks, vs, gates = [], [], [], []
+        for i, (ly, h) in enumerate(zip(layers, hs)):
+            mod = ly.input_layernorm.modulation(cond) if (i == 1 and cond is not None) else None
+            y, gate = _norm(h, getattr(ly.input_layernorm, "weight", None), mod)
+            gates.append(gate)
+            qs.append(ly.self_attn.q_proj(y).view(B, h.shape[1], c.num_heads, c.head_dim))
+            ks.append(ly.self_attn.k_proj(y).view(B, h.shape[1], c.num_kv_heads, c.head_dim))
+            vs.append(ly.self_attn.v_proj(y).view(B, h.shape[1], c.num_kv_heads, c.head_dim))
+        q, k, v = _rope(torch.cat(qs, 1), pos), _rope(torch.cat(ks, 1), pos), torch.cat(vs, 1)
+        g = c.num_heads // c.num_kv_heads
+        k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+        s = torch.einsum("bshd,blhd->bhsl", q, k) / math.sqrt(c.head_dim)
+        s = s.masked_fill(~allowed[:, None], torch.finfo(s.dtype).min)
+        o = torch.einsum("bhsl,blhd->bshd", s.softmax(-1), v).reshape(B, Pn + S, -1)
+        outs, start = [], 0
+        for i, (ly, h) in enumerate(zip(layers, hs)):
+            seg = o[:, start : start + h.shape[1]]
+            start += h.shape[1]
+            r = ly.self_attn.o_proj(seg)
+            h = h + (r if gates[i] is None else r * gates[i])
+            mod = ly.post_attention_layernorm.modulation(cond) if (i == 1 and cond is not None) else None
+            y, gate = _norm(h, getattr(ly.post_attention_layernorm, "weight", None), mod)
+            m = ly.mlp.down_proj(F.gelu(ly.mlp.gate_proj(y), approximate="tanh") * ly.mlp.up_proj(y))
+            outs.append(h + (m if gate is None else m * gate))
+        hs = outs
+    fmod = p.expert.norm.modulation(cond) if cond is not None else None
+    feats, _ = _norm(hs[1], getattr(p.expert.norm, "weight", None), fmod)
+    feats = feats[:, -H:]
+    return p.action_out_proj(feats), feats
+
+
+def naive_sample(p, obs, mode, K, noise, step_noise, a=0.5, sde_steps=None):
+    x = noise
+    dt = 1.0 / K
+    for k in range(K):
+        t = 1.0 - k / K
+        v, feats = naive_velocity(p, obs, x, t)
+        mean = x - dt * v
+        if mode == "ode":
+            x = mean
+            continue
+        if mode == "noise":
+            std = p.noise_head(feats)
+        else:
+            tn = t - dt
+            ts = 1 - dt if t == 1.0 else t
+            sig = a * math.sqrt(t / (1 - ts))
+            a0, a1 = x - t * v, x + (1 - t) * v
+            mean_sde = (1 - tn) * a0 + (tn - sig**2 * dt / (2 * t)) * a1
+            std = torch.full_like(x, sig * math.sqrt(dt))
+            if sde_steps is not None:
+                sel = (sde_steps == k)[:, None, None]
+                mean = torch.where(sel, mean_sde, mean)
+                std = torch.where(sel, std, torch.zeros_like(std))
+            else:
+                mean = mean_sde
+        x = mean + std * step_noise[:, k]
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# (1) cached path == naive path
+
+
+@pytest.mark.parametrize("mode", ["ode", "sde", "noise", "sde_hybrid"])
+def test_cached_equals_naive(policy, mode):
+    p, c = policy, policy.config
+    obs = make_obs(p)
+    B, K = obs.batch_size, 4
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(B, c.action_horizon, c.action_dim, generator=g)
+    step_noise = torch.randn(B, K, c.action_horizon, c.action_dim, generator=g)
+    sde_steps = torch.tensor([0, 2, 3]) if mode == "sde_hybrid" else None
+    m = "sde" if mode == "sde_hybrid" else mode
+    with torch.no_grad():
+        r = p.sample_actions(obs, mode=m, num_steps=K, noise=noise, step_noise=step_noise, sde_steps=sde_steps)
+        ref = naive_sample(p, obs, m, K, noise, step_noise, sde_steps=sde_steps)
+    err = (r.actions - ref).abs().max().item()
+    assert err <= 1e-5, f"{c.variant}/{mode}: max |Δaction| = {err:.3e}"
+    assert r.chain.shape == (B, K + 1, c.action_horizon, c.action_dim)
+    assert torch.equal(r.chain[:, 0], noise) and torch.equal(r.chain[:, -1], r.actions)
+
+
+def test_first_velocity_matches_naive(policy):
+    """The velocity itself (not only the integrated chain), and the cache compaction."""
+    p, c = policy, policy.config
+    obs = make_obs(p)
+    x = torch.randn(obs.batch_size, c.action_horizon, c.action_dim)
+    with torch.no_grad():
+        cache = p.encode_prefix(obs)
+        tc = p.time_constants(torch.tensor([0.7]))
+        v = p.velocity(p.suffix_features(cache, x, tc, 1, p.suffix_rope(cache, 1)))
+        ref, _ = naive_velocity(p, obs, x, 0.7)
+        p64 = copy.deepcopy(p).double()
+        o64 = replace(obs, images=obs.images.double(), state=None if obs.state is None else obs.state.double())
+        ref64, _ = naive_velocity(p64, o64, x.double(), 0.7)
+    # flash-attention's rule: the cached fp32 path is as close to fp64 as the naive fp32 path is
+    err, err_naive = (v.double() - ref64).abs().max().item(), (ref.double() - ref64).abs().max().item()
+    assert err <= 2 * err_naive + 2e-6, (err, err_naive)
+    assert (v - ref).abs().max().item() <= 5e-5
+    T = c.tokens_per_image
+    lens = obs.image_masks.sum(1) * T + obs.token_masks.sum(1)
+    assert torch.equal(cache.prefix_lens, lens)
+    extra = 1 if c.variant == "pi0" else 0
+    assert cache.keys.shape == (c.depth, obs.batch_size, int(lens.max()) + extra, c.num_kv_heads, c.head_dim)
+    assert torch.equal(cache.prefix_mask.sum(1), lens + extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# (7) group_size: N rows share one prefix == each row with its own (repeated) observation
+
+
+@pytest.mark.parametrize("mode", ["ode", "noise"])
+def test_group_size_equals_repeated_obs(policy, mode):
+    p, c = policy, policy.config
+    obs = make_obs(p, B=2)
+    N, K = 3, 3
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(2 * N, c.action_horizon, c.action_dim, generator=g)
+    sn = torch.randn(2 * N, K, c.action_horizon, c.action_dim, generator=g)
+    r1 = p.sample_actions(obs, mode=mode, num_steps=K, group_size=N, noise=noise, step_noise=sn)
+    r2 = p.sample_actions(obs.repeat_interleave(N), mode=mode, num_steps=K, group_size=1, noise=noise, step_noise=sn)
+    assert (r1.actions - r2.actions).abs().max().item() <= 1e-5
+    assert torch.allclose(r1.logp, r2.logp, rtol=1e-5, atol=1e-3)
+
+
+def test_cache_reuse_and_not_written(policy):
+    p = policy
+    obs = make_obs(p)
+    cache = p.encode_prefix(obs)
+    assert isinstance(cache, PrefixCache)
+    k0, v0 = cache.keys.clone(), cache.values.clone()
+    r1 = p.sample_actions(cache, mode="ode", num_steps=2, group_size=2, noise=torch.randn(6, 50, 32))
+    r2 = p.sample_actions(obs, mode="ode", num_steps=2, group_size=2, noise=r1.chain[:, 0])
+    assert torch.equal(cache.keys, k0) and torch.equal(cache.values, v0)
+    assert (r1.actions - r2.actions).abs().max() <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# (2) cfm_losses: N pairs in one prefix pass == N separate single-pair passes (values, gradients)
+
+
+def test_cfm_losses_pairs_equal_separate(policy):
+    p, c = policy, policy.config
+    p.freeze("none")
+    obs = make_obs(p)
+    B, N = obs.batch_size, 4
+    g = torch.Generator().manual_seed(5)
+    actions = torch.randn(B, c.action_horizon, c.action_dim, generator=g)
+    noise = torch.randn(B, N, c.action_horizon, c.action_dim, generator=g)
+    tau = 0.001 + 0.998 * torch.rand(B, N, generator=g)
+    dim_mask = torch.arange(c.action_dim) < 7
+    params = [q for q in p.parameters() if q.requires_grad]
+    loss = p.cfm_losses(obs, actions, noise, tau, dim_mask=dim_mask)
+    assert loss.shape == (B, N)
+    w = torch.randn(B, N, generator=g)
+    g1 = torch.autograd.grad((loss * w).sum(), params, allow_unused=True)
+    sep = torch.stack([p.cfm_losses(obs, actions, noise[:, n : n + 1], tau[:, n : n + 1], dim_mask=dim_mask)[:, 0]
+                       for n in range(N)], 1)
+    g2 = torch.autograd.grad((sep * w).sum(), params, allow_unused=True)
+    assert torch.allclose(loss, sep, rtol=1e-5, atol=1e-6)
+    nz = 0
+    for a, b in zip(g1, g2):
+        if a is None:
+            assert b is None
+            continue
+        nz += int(a.abs().sum() > 0)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    assert nz > 10  # gradients reach the VLM and the vision tower too
+    # the loss is the plain CFM loss of the naive velocity
+    with torch.no_grad():
+        x_tau = tau[0, 0] * noise[:, 0] + (1 - tau[0, 0]) * actions
+        v, _ = naive_velocity(p, obs, x_tau, float(tau[0, 0]))
+        ref = ((v - (noise[:, 0] - actions))[..., :7] ** 2).mean((-2, -1))
+    assert abs(loss[0, 0].item() - ref[0].item()) <= 1e-5 * (1 + ref[0].item())
+
+
+# ------------------------------------------------------------------------------------------------
+# (3) chain_logprob recomputes the rollout's log-probs
+
+
+@pytest.mark.parametrize("mode", ["noise", "sde", "sde_hybrid"])
+def test_chain_logprob_matches_rollout(policy, mode):
+    p, c = policy, policy.config
+    obs = make_obs(p, B=2)
+    N, K = 2, 4
+    sde_steps = torch.tensor([0, 3, 1, 2]) if mode == "sde_hybrid" else None
+    m = "sde" if mode == "sde_hybrid" else mode
+    step_mask = torch.arange(c.action_horizon) < 20
+    with torch.no_grad():
+        r = p.sample_actions(obs, mode=m, num_steps=K, group_size=N, sde_steps=sde_steps,
+                             generator=torch.Generator().manual_seed(0), step_mask=step_mask)
+    lp = p.chain_logprob(obs, r.chain, m, group_size=N, steps=sde_steps, step_mask=step_mask)
+    assert lp.shape == (2 * N,)
+    expect = r.step_logps.sum(1) + (r.initial_logp if m == "noise" else 0)
+    assert torch.allclose(r.logp, expect)
+    assert torch.allclose(lp, r.logp, rtol=1e-5, atol=1e-3), (lp - r.logp).abs().max()
+    lp.sum().backward()
+    head = p.noise_head.fc2.weight.grad if m == "noise" else p.expert.layers[0].mlp.up_proj.weight.grad
+    assert head is not None and head.abs().sum() > 0
+    p.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# (4) weights
+
+
+def test_save_load_roundtrip(policy, tmp_path):
+    p = policy
+    p.save_pretrained(tmp_path / "ckpt")
+    files = sorted(os.listdir(tmp_path / "ckpt"))
+    assert files == ["config.json", "model.safetensors"], files  # no temp files left
+    q = Pi0Policy.from_pretrained(tmp_path / "ckpt")
+    assert q.config == p.config
+    sa, sb = p.state_dict(), q.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    obs = make_obs(p)
+    noise = torch.randn(3, 50, 32)
+    assert torch.equal(p.sample_actions(obs, noise=noise, num_steps=2).actions,
+                       q.eval().sample_actions(obs, noise=noise, num_steps=2).actions)
+
+
+def test_save_is_atomic(policy, tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    d = tmp_path / "ckpt"
+    policy.save_pretrained(d)
+    before = (d / "model.safetensors").read_bytes()
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        policy.save_pretrained(d)
+    assert (d / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
+
+
+def test_lerobot_key_map_roundtrip(policy, tmp_path):
+    """A checkpoint in lerobot's layout (model.paligemma_with_expert…, config.json type) loads exactly."""
+    import json
+
+    from safetensors.torch import save_file
+
+    p, c = policy, policy.config
+    sd = to_lerobot_state_dict(p.state_dict())
+    assert "model.paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj.weight" in sd
+    assert ("model.paligemma_with_expert.paligemma.model.vision_tower.vision_model.embeddings.patch_embedding.weight"
+            in sd)
+    assert "model.paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight" in sd
+    lm = sd.pop("model.paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight")
+    sd["model.paligemma_with_expert.paligemma.lm_head.weight"] = lm  # tied weights saved once
+    sd["model.paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(4, c.expert_width)
+    d = tmp_path / "lerobot"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    cams = {f"observation.images.cam{i}": {"type": "VISUAL", "shape": [3, 32, 32]} for i in range(c.num_cameras)}
+    meta = {"type": c.variant, "chunk_size": c.action_horizon, "tokenizer_max_length": c.max_token_len,
+            "image_resolution": [c.image_size, c.image_size], "input_features": cams, "dtype": "float32",
+            "max_state_dim": c.max_state_dim}
+    (d / "config.json").write_text(json.dumps(meta))
+    from flowrl.models.weights import load_policy
+
+    q = load_policy(Pi0Policy, d, vision_heads=c.vision_heads, value_heads=c.value_heads,
+                    noise_head_hidden=c.noise_head_hidden, value_hidden=c.value_hidden)
+    assert q.load_format == "lerobot"
+    for k, v in p.state_dict().items():
+        if not k.startswith(("noise_head", "value_")):
+            assert torch.equal(v, q.state_dict()[k]), k
+    # openpi PyTorch layout: the same keys without "model."
+    d2 = tmp_path / "openpi"
+    d2.mkdir()
+    save_file({k[len("model."):]: v.contiguous() for k, v in sd.items()}, str(d2 / "model.safetensors"))
+    q2 = load_policy(Pi0Policy, d2, config=q.config)
+    assert q2.load_format == "openpi"
+    # a missing and an unknown key are named in the error
+    bad = dict(sd)
+    bad.pop("model.action_out_proj.bias")
+    bad["model.paligemma_with_expert.something_new.weight"] = torch.zeros(1)
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointKeyError) as ei:
+        load_policy(Pi0Policy, d, config=q.config)
+    msg = str(ei.value)
+    assert "action_out_proj.bias" in msg and "something_new" in msg
+    with pytest.raises(FileNotFoundError, match="local"):
+        Pi0Policy.from_pretrained(tmp_path / "does-not-exist")
+
+
+# ------------------------------------------------------------------------------------------------
+# (5) bad input
+
+
+def test_bad_inputs(policy):
+    p, c = policy, policy.config
+    obs = make_obs(p)
+    with pytest.raises(ValueError, match="cameras"):
+        p.encode_prefix(replace(obs, images=obs.images[:, :1], image_masks=obs.image_masks[:, :1]))
+    with pytest.raises(ValueError, match="images must be 32x32"):
+        p.encode_prefix(replace(obs, images=torch.zeros(3, c.num_cameras, 3, 16, 16)))
+    with pytest.raises(ValueError, match="vocab_size"):
+        p.encode_prefix(replace(obs, tokens=obs.tokens + c.vocab_size))
+    with pytest.raises(TypeError, match="tokens must be int64"):
+        p.encode_prefix(replace(obs, tokens=obs.tokens.float()))
+    with pytest.raises(ValueError, match="image_masks"):
+        p.encode_prefix(replace(obs, image_masks=obs.image_masks.long()))
+    if c.variant == "pi0":
+        with pytest.raises(ValueError, match="max_state_dim"):
+            p.encode_prefix(replace(obs, state=torch.zeros(3, c.max_state_dim + 1)))
+        with pytest.raises(ValueError, match="state"):
+            p.encode_prefix(replace(obs, state=None))
+    else:
+        with pytest.raises(ValueError, match="state must be None"):
+            p.encode_prefix(replace(obs, state=torch.zeros(3, 8)))
+    with pytest.raises(ValueError, match="mode"):
+        p.sample_actions(obs, mode="euler")
+    with pytest.raises(ValueError, match="noise must have shape"):
+        p.sample_actions(obs, noise=torch.zeros(3, 10, 32))
+    with pytest.raises(TypeError, match="float32"):
+        p.sample_actions(obs, noise=torch.zeros(3, 50, 32, dtype=torch.float64))
+    with pytest.raises(TypeError, match="Observation"):
+        p.sample_actions({"images": obs.images})
+    cams = {"a": obs.images[:, 0], "b": obs.images[:, 1]}
+    with pytest.raises(ValueError, match="missing camera keys"):
+        Observation.from_cameras({"a": cams["a"]}, ["a", "b"], obs.tokens, obs.token_masks, obs.state)
+    with pytest.raises(ValueError, match="unknown camera keys"):
+        Observation.from_cameras({**cams, "z": cams["a"]}, ["a", "b"], obs.tokens, obs.token_masks, obs.state)
+    o2 = Observation.from_cameras({"a": cams["a"]}, ["a", "b"], obs.tokens, obs.token_masks, obs.state,
+                                  allow_missing=True)
+    assert o2.image_masks[:, 1].logical_not().all()
+
+
+# ------------------------------------------------------------------------------------------------
+# (6) freezing, value heads
+
+
+def test_freeze_modes(policy):
+    p = policy
+    p.freeze("expert_only")
+    train = {n for n, q in p.named_parameters() if q.requires_grad}
+    assert train and all(n.startswith(("expert.", "action_", "state_proj", "time_mlp", "noise_head", "value_"))
+                         for n in train)
+    assert any(n.startswith("expert.") for n in train) and any(n.startswith("value_vlm") for n in train)
+    p.freeze("expert_and_vlm")
+    frozen = {n for n, q in p.named_parameters() if not q.requires_grad}
+    assert frozen and all(n.startswith("vision_tower.") for n in frozen)
+    assert p.vlm.layers[0].self_attn.q_proj.weight.requires_grad
+    p.freeze("none")
+    assert all(q.requires_grad for q in p.parameters())
+    with pytest.raises(ValueError, match="freeze"):
+        p.freeze("everything")
+
+
+def test_value_heads(policy):
+    p, c = policy, policy.config
+    obs = make_obs(p)
+    cache = p.encode_prefix(obs)
+    for side in ("vlm", "expert"):
+        v = p.value(cache, side=side)
+        assert v.shape == (obs.batch_size, c.value_heads) and torch.isfinite(v).all()
+        assert not torch.allclose(v[:, 0], v[:, 1])  # independent heads
+    v = p.value(obs, side="vlm")
+    v.sum().backward()
+    assert p.value_vlm.w1.grad is not None and p.vlm.layers[0].mlp.up_proj.weight.grad is None  # detached input
+    p.zero_grad(set_to_none=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_sampling_matches_eager():
+    torch.manual_seed(0)
+    p = _randomize(Pi0Policy(get_config("tiny"))).cuda().eval()
+    obs = make_obs(p).to("cuda")
+    cache = p.encode_prefix(obs)
+    for mode in ("ode", "noise"):
+        noise = torch.randn(6, 50, 32, device="cuda")
+        sn = torch.randn(6, 5, 50, 32, device="cuda")
+        eager = p.sample_actions(cache, mode=mode, num_steps=5, group_size=2, noise=noise, step_noise=sn)
+        for _ in range(2):
+            gr = p.sample_actions(cache, mode=mode, num_steps=5, group_size=2, noise=noise, step_noise=sn,
+                                  cuda_graph=True)
+            assert (gr.actions - eager.actions).abs().max().item() <= 1e-5
