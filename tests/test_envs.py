@@ -106,11 +106,13 @@ def test_expert_quality_controls_success():
 
 
 def test_easy_variant_state_has_the_goal():
-    env = ReachEnv(5, num_targets=3, state_with_targets=True)
+    env = ReachEnv(5, num_targets=3, state_with_targets=True, state_with_goal=True)
     obs = env.reset(seed=0)
-    assert obs.state.shape == (5, 2 + 9) and env.state_dim == 11
+    assert obs.state.shape == (5, 2 + 6 + 3) and env.state_dim == 11
+    assert torch.equal(obs.state[:, 2:8].view(5, 3, 2), env.targets)
     goal = obs.state[:, 8:].argmax(1)
     assert torch.equal(goal, env.goal)
+    assert ReachEnv(5, num_targets=3, state_with_targets=True).state_dim == 8
 
 
 def test_padded_actions_and_bad_input():

@@ -63,8 +63,10 @@ class ReachEnv(VecEnv):
         chunk_steps: H', actions executed per chunk step.
         max_episode_steps: time limit in single steps.
         success_radius, max_speed: in arena units (the arena is ``[-1, 1]²``).
-        state_with_targets: append the targets' positions and the goal's one-hot to the state
-            (the easy variant: no need to read the image or the instruction).
+        state_with_targets: append the targets' positions (in colour order) to the state: the
+            policy still has to read the instruction to know which one is the goal.
+        state_with_goal: also append the goal's one-hot (the trivially easy variant).
+        group_size: consecutive envs that start each reset from the same scene (GRPO groups).
         device: where the batch lives.
     """
 
@@ -79,6 +81,8 @@ class ReachEnv(VecEnv):
         success_radius: float = 0.15,
         max_speed: float = 0.1,
         state_with_targets: bool = False,
+        state_with_goal: bool = False,
+        group_size: int = 1,
         device: torch.device | str = "cpu",
     ) -> None:
         if num_envs < 1:
@@ -90,6 +94,8 @@ class ReachEnv(VecEnv):
         if chunk_steps < 1 or max_episode_steps < chunk_steps:
             raise ValueError(f"ReachEnv: need 1 <= chunk_steps <= max_episode_steps, got {chunk_steps}, "
                              f"{max_episode_steps}")
+        if group_size < 1 or num_envs % group_size:
+            raise ValueError(f"ReachEnv: group_size={group_size} must be >= 1 and divide num_envs={num_envs}")
         if success_radius <= 0 or max_speed <= 0:
             raise ValueError("ReachEnv: success_radius and max_speed must be > 0")
         self.num_envs = num_envs
@@ -100,9 +106,11 @@ class ReachEnv(VecEnv):
         self.success_radius = success_radius
         self.max_speed = max_speed
         self.state_with_targets = state_with_targets
+        self.group_size = group_size
         self.device = torch.device(device)
         self.action_dim = 2
-        self.state_dim = 2 + (3 * num_targets if state_with_targets else 0)
+        self.state_with_goal = state_with_goal
+        self.state_dim = 2 + (2 * num_targets if state_with_targets else 0) + (num_targets if state_with_goal else 0)
         self.num_cameras = 1
         self.vocab_size = len(VOCAB)
         self.max_token_len = 8
@@ -134,7 +142,8 @@ class ReachEnv(VecEnv):
     def _init_episodes(self, ids: torch.Tensor) -> None:
         T = self.num_targets
         for i in ids.tolist():
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) * 65_537 + int(self.episode[i]))
+            scene = i // self.group_size
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + scene) * 65_537 + int(self.episode[i]))
             for _ in range(100):  # targets apart by at least 3 success radii
                 tg = torch.rand(T, 2, generator=g) * 1.6 - 0.8
                 if T == 1 or torch.pdist(tg).min() > 3 * self.success_radius:
@@ -210,8 +219,9 @@ class ReachEnv(VecEnv):
         images = (self.render() * 2 - 1)[:, None]  # (B, 1, 3, S, S) in [-1, 1]
         state = self.pos.clone()
         if self.state_with_targets:
-            onehot = torch.nn.functional.one_hot(self.goal, self.num_targets).float()
-            state = torch.cat([state, self.targets.flatten(1), onehot], dim=1)
+            state = torch.cat([state, self.targets.flatten(1)], dim=1)
+        if self.state_with_goal:
+            state = torch.cat([state, torch.nn.functional.one_hot(self.goal, self.num_targets).float()], dim=1)
         tokens = self._instr_tokens.clone()
         return EnvObs(images, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device), tokens,
                       tokens != 0, state, list(self._instructions))

@@ -482,8 +482,10 @@ class Pi0Policy(nn.Module):
         We = c.expert_width
         emb = sinusoidal_time_embedding(t.float(), We, c.min_period, c.max_period)
         if c.variant == "pi0":
+            # W[:, We:]·emb + b through the module's own forward (no weight slicing: ZeRO-3 partitions
+            # parameters and gathers them only inside their module's forward)
             lin = self.action_time_mlp_in
-            return {"time_term": F.linear(emb, lin.weight[:, We:], lin.bias)[:, None, :]}
+            return {"time_term": lin(torch.cat([torch.zeros_like(emb), emb], dim=-1))[:, None, :]}
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
 
         def mod(norm):
@@ -524,8 +526,11 @@ class Pi0Policy(nn.Module):
         We = c.expert_width
         a = self.action_in_proj(x.float())
         if c.variant == "pi0":
+            # W[:, :We]·a + (W[:, We:]·emb + b): the action half as lin([a, 0]) − lin(0) (see time_constants)
             lin = self.action_time_mlp_in
-            h = F.silu(F.linear(a, lin.weight[:, :We]) + tc["time_term"])
+            z = torch.zeros(*a.shape[:-1], We, dtype=a.dtype, device=a.device)
+            bias = lin(torch.zeros(1, 2 * We, dtype=a.dtype, device=a.device))
+            h = F.silu(lin(torch.cat([a, z], dim=-1)) - bias + tc["time_term"])
             h = self.action_time_mlp_out(h)
             mods = [(None, None)] * c.depth
             fmod = None

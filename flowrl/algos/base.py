@@ -1,0 +1,124 @@
+"""The interface every algorithm implements, and the pieces they share.
+
+An algorithm is driven by the trainer as::
+
+    batch = algo.rollout(env, policy)        # no gradients; env steps + policy sampling
+    for mb in algo.minibatches(batch):       # epochs x minibatches
+        loss, stats = algo.loss(policy, mb)  # differentiable
+        engine.backward(loss); engine.step()
+    metrics = algo.metrics(batch)
+
+Observations go to the policy as :class:`flowrl.models.Observation` with the state padded to
+the policy's ``max_state_dim``; action chunks come back padded to the policy's ``action_dim``
+and the env takes the first ``env.action_dim`` dims of the first H' steps. Losses and
+log-probs use ``dim_mask`` (the env's real dims) and ``step_mask`` (the H' executed steps).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flowrl.config import AlgoConfig
+from flowrl.envs.base import EnvObs, VecEnv
+
+__all__ = ["Algorithm", "Batch", "cat_obs", "masks_for", "to_policy_obs"]
+
+
+def to_policy_obs(obs: EnvObs, policy: Any) -> Any:
+    """EnvObs → the policy's Observation (state zero-padded to ``max_state_dim``)."""
+    from flowrl.models import Observation
+
+    cfg = policy.config
+    state = obs.state
+    if state.shape[1] > cfg.max_state_dim:
+        raise ValueError(f"the env's state has {state.shape[1]} dims, more than the policy's "
+                         f"max_state_dim={cfg.max_state_dim}")
+    pad = torch.zeros(state.shape[0], cfg.max_state_dim - state.shape[1], dtype=state.dtype, device=state.device)
+    state = torch.cat([state, pad], dim=1)
+    return Observation(
+        images=obs.images,
+        image_masks=obs.image_masks,
+        tokens=obs.tokens,
+        token_masks=obs.token_masks,
+        state=state if cfg.variant == "pi0" else None,
+    )
+
+
+def masks_for(env: VecEnv, policy: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dim_mask (D,)`` bool for the env's real action dims, ``step_mask (H,)`` for the H' executed steps."""
+    cfg = policy.config
+    if env.action_dim > cfg.action_dim:
+        raise ValueError(f"the env has {env.action_dim} action dims, more than the policy's "
+                         f"action_dim={cfg.action_dim}")
+    if env.chunk_steps > cfg.action_horizon:
+        raise ValueError(f"the env executes {env.chunk_steps} steps per chunk, more than the policy's "
+                         f"action_horizon={cfg.action_horizon}")
+    dim_mask = torch.arange(cfg.action_dim, device=device) < env.action_dim
+    step_mask = torch.arange(cfg.action_horizon, device=device) < env.chunk_steps
+    return dim_mask, step_mask
+
+
+def cat_obs(obs: list[EnvObs]) -> EnvObs:
+    """Concatenate a list of observation batches along the batch dim."""
+    return EnvObs(
+        torch.cat([o.images for o in obs]),
+        torch.cat([o.image_masks for o in obs]),
+        torch.cat([o.tokens for o in obs]),
+        torch.cat([o.token_masks for o in obs]),
+        torch.cat([o.state for o in obs]),
+        [s for o in obs for s in o.instructions],
+    )
+
+
+@dataclass
+class Batch:
+    """Flat training samples (one per chunk), tensors with a leading sample dim ``n``."""
+
+    obs: EnvObs
+    data: dict[str, torch.Tensor]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.obs.state.shape[0]
+
+    def select(self, idx: torch.Tensor) -> Batch:
+        return Batch(self.obs.index(idx), {k: v[idx.to(v.device)] for k, v in self.data.items()}, self.stats)
+
+
+class Algorithm(abc.ABC):
+    """One RL (or offline) algorithm: rollout → advantages → update epochs → metrics."""
+
+    name: str = ""
+    on_policy: bool = True
+
+    def __init__(self, cfg: AlgoConfig, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @abc.abstractmethod
+    def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
+        """Collect a batch starting from ``obs``; return it and the env's next observation."""
+
+    @abc.abstractmethod
+    def loss(self, policy: Any, mb: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The differentiable loss of one minibatch and its statistics."""
+
+    def minibatches(self, batch: Batch) -> Iterator[Batch]:
+        """``epochs`` passes over ``batch`` in shuffled minibatches of ``minibatch_size``."""
+        n = len(batch)
+        mb = min(self.cfg.minibatch_size, n)
+        for _ in range(self.cfg.epochs):
+            perm = torch.randperm(n, generator=self.gen)
+            for s in range(0, n - mb + 1, mb):
+                yield batch.select(perm[s : s + mb])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.gen.set_state(sd["gen"])

@@ -1,0 +1,128 @@
+"""The on-policy core shared by FPO, Flow-Noise PPO, Flow-SDE PPO and GRPO.
+
+Rollout: ``rollout_chunks`` chunk steps of every env; per chunk the algorithm's ``sample``
+draws the action chunk and stores what its ratio needs (log-probs, or FPO's per-sample CFM
+losses), the critic's value is recorded (ensemble minimum), then GAE over chunks (DESIGN §1:
+chunk reward = sum of executed steps' rewards, done = any). GRPO replaces GAE with group-
+normalized episode returns. Update: the PPO clipped surrogate (or FPO's clip / SPO form) with
+normalized advantages, plus a Huber value loss with value clipping for the critic.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from flowrl.algos import losses as L
+from flowrl.algos.base import Algorithm, Batch, cat_obs, masks_for, to_policy_obs
+from flowrl.envs.base import EnvObs, VecEnv
+
+__all__ = ["OnPolicy"]
+
+
+class OnPolicy(Algorithm):
+    """Shared rollout + update; subclasses define ``sample`` and ``ratio``."""
+
+    uses_critic = True
+
+    @abc.abstractmethod
+    def sample(self, policy: Any, pobs: Any, dim_mask: torch.Tensor, step_mask: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Action chunks ``(B, H, D)`` and per-sample tensors to store for the ratio."""
+
+    @abc.abstractmethod
+    def ratio(self, policy: Any, pobs: Any, mb: Batch, dim_mask: torch.Tensor, step_mask: torch.Tensor
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Probability ratios ``(n,)`` (or ``(n, N)``) of the minibatch under the current weights."""
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
+        dev = next(policy.parameters()).device
+        dim_mask, step_mask = masks_for(env, policy, dev)
+        T = self.cfg.rollout_chunks
+        obs_list, stores, values, rewards, dones = [], [], [], [], []
+        ep_returns, ep_success = [], []
+        for _ in range(T):
+            cache = policy.encode_prefix(to_policy_obs(obs.to(dev), policy))  # one prefix pass per chunk
+            actions, store = self.sample(policy, cache, dim_mask, step_mask)
+            v = policy.value(cache).amin(dim=1) if self.uses_critic else torch.zeros(actions.shape[0], device=dev)
+            step = env.step(actions)
+            obs_list.append(obs)
+            stores.append({"actions": actions, **store})
+            values.append(v.float())
+            rewards.append(step.reward.to(dev))
+            dones.append(step.done.to(dev))
+            ep_returns.append(step.episode_return[step.done].cpu())
+            ep_success.append(step.success[step.done].cpu())
+            obs = step.obs
+        pobs = to_policy_obs(obs.to(dev), policy)
+        last_v = policy.value(pobs).amin(dim=1).float() if self.uses_critic else torch.zeros_like(values[0])
+        R, V, D = torch.stack(rewards), torch.stack(values), torch.stack(dones)
+        adv, ret = self.advantages(R, V, D, last_v)
+        data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}
+        data.update(adv=adv.reshape(-1), ret=ret.reshape(-1), old_value=V.reshape(-1))
+        # flatten time-major (T, B) -> T·B in the same order as cat_obs
+        ended = torch.cat(ep_success)
+        stats = {
+            "episodes": float(ended.numel()),
+            "success_rate": float(ended.float().mean()) if ended.numel() else float("nan"),
+            "return": float(torch.cat(ep_returns).mean()) if ended.numel() else float("nan"),
+            "explained_variance": L.explained_variance(V.reshape(-1), ret.reshape(-1)),
+            "env_steps": float(env.num_envs * T * env.chunk_steps),
+        }
+        return Batch(cat_obs(obs_list), data, stats), obs
+
+    def advantages(self, R: torch.Tensor, V: torch.Tensor, D: torch.Tensor, last_v: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        return L.gae(R, V, D, last_v, self.cfg.gamma, self.cfg.lam)
+
+    # ------------------------------------------------------------------ update
+    def loss(self, policy: Any, mb: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        dev = next(policy.parameters()).device
+        cfg = policy.config
+        dim_mask = mb.data["dim_mask"][0] if "dim_mask" in mb.data else None
+        step_mask = mb.data["step_mask"][0] if "step_mask" in mb.data else None
+        if dim_mask is None or step_mask is None:
+            dim_mask = torch.ones(cfg.action_dim, dtype=torch.bool, device=dev)
+            step_mask = torch.ones(cfg.action_horizon, dtype=torch.bool, device=dev)
+        pobs = policy.encode_prefix(to_policy_obs(mb.obs.to(dev), policy))  # shared by ratio and critic
+        adv = L.normalize(mb.data["adv"])
+        ratio, stats = self.ratio(policy, pobs, mb, dim_mask, step_mask)
+        if ratio.dim() == 2:  # FPO's per-sample ratios (n, N) share their chunk's advantage
+            adv = adv[:, None].expand_as(ratio)
+        if getattr(self, "spo", False):
+            pl = L.spo_policy_loss(ratio, adv, self.clip)
+            pstats = {"clip_frac": ((ratio - 1).abs() > self.clip).float().mean(), "ratio_mean": ratio.mean()}
+        else:
+            pl, pstats = L.ppo_policy_loss(ratio, adv, self.clip, self.cfg.dual_clip)
+        loss = pl
+        if self.uses_critic:
+            v = policy.value(pobs).float()  # (n, M): every head regresses the return
+            old = mb.data["old_value"][:, None].expand_as(v)
+            ret = mb.data["ret"][:, None].expand_as(v)
+            vl = L.value_loss(v, old, ret, self.cfg.value_clip)
+            loss = loss + vl
+            stats["value_loss"] = float(vl.detach())
+            stats["ensemble_disagreement"] = float(v.std(dim=1).mean().detach()) if v.shape[1] > 1 else 0.0
+        log_ratio = torch.log(ratio.detach().clamp_min(1e-12))
+        stats.update(
+            policy_loss=float(pl.detach()),
+            approx_kl=float(((ratio.detach() - 1) - log_ratio).mean()),
+            clip_frac=float(pstats["clip_frac"]),
+            ratio_mean=float(pstats["ratio_mean"]),
+            ratio_max=float(ratio.detach().max()),
+            ratio_min=float(ratio.detach().min()),
+        )
+        return loss, stats
+
+    @property
+    def clip(self) -> float:
+        return self.cfg.clip
+
+
+def store_masks(n: int, dim_mask: torch.Tensor, step_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The masks, repeated per sample so that minibatches carry them."""
+    return {"dim_mask": dim_mask[None].expand(n, -1).clone(), "step_mask": step_mask[None].expand(n, -1).clone()}

@@ -1,0 +1,284 @@
+"""VLA-FPO (DESIGN §1): a flow-based latent actor steering a frozen π0 through its noise space.
+
+π0 stays frozen. A small flow model ``π_θ(x | s)`` (the *latent actor*) generates the initial
+noise latent ``x (H, D)`` that π0's own ODE then decodes into the action chunk. Pieces, each
+switchable for an ablation (config ``algo.vla_*``):
+
+* **Actor**: a velocity MLP ``v_θ(x_τ, τ | s)`` over the flattened latent, conditioned on
+  ``s`` = [π0's pooled prefix features, state]. Sampling: ``vla_latent_steps`` (K) Euler steps
+  from ``N(0, I)`` (multi-step latent exploration: ``x^(k+1) = x^(k) + η·v_θ(x^(k), τ^(k) | s)``
+  with ``η = vla_eta/K``, plus Gaussian exploration noise on the result).
+* **Per-sample CFM signal**: at rollout, N (τ, ε) pairs are drawn per sample and the actor's
+  CFM losses ``ℓ_old`` on the exact latent used for control are stored; at update
+  ``Δℓ = ℓ_old − ℓ_new``, ``z = (Δℓ − mean)/std`` over the minibatch, ratio ``ρ = exp(β·z)``
+  (β = ``vla_beta``), clipped surrogate (``vla_clip``) with minibatch-standardized advantages.
+  The gradient flows through ρ (the paper says it stops it there, which would leave the actor
+  without a gradient; we keep it and note the choice).
+* **Q-ensemble critic**: M = ``vla_ensemble`` heads ``Q_i(s, x)``; TD targets
+  ``y = r + γ·(1 − done)·min_i Q̄_i(s', x')`` with ``x' ~ π_θ(·|s')`` and Polyak-averaged target
+  networks (``vla_tau``); advantages by GAE with ``V(s) = min_i Q_i(s, x̂(s))``, ``x̂`` the
+  actor's exploration-free latent; a sliding window of the last two rollouts for the critic.
+
+Numbers the paper does not give (β, ε, K, η, M, γ, learning rates) are config fields with the
+defaults of :class:`flowrl.config.AlgoConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowrl.algos import losses as L
+from flowrl.algos.base import Algorithm, Batch, cat_obs, masks_for, to_policy_obs
+from flowrl.algos.fpo import sample_tau
+from flowrl.envs.base import EnvObs, VecEnv
+
+__all__ = ["VLAFPO", "LatentActor", "QEnsemble"]
+
+
+def _mlp(i: int, h: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, o))
+
+
+class LatentActor(nn.Module):
+    """Velocity field ``v_θ(x_τ, τ | s)`` over flattened latents ``(B, H·D)``."""
+
+    def __init__(self, cond_dim: int, latent_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.net = _mlp(cond_dim + latent_dim + 16, hidden, latent_dim)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    @staticmethod
+    def _temb(tau: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(torch.linspace(0, math.log(100.0), 8, device=tau.device))
+        ang = tau[..., None] * freqs * math.pi
+        return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+    def forward(self, x: torch.Tensor, tau: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x ``(n, L)``, tau ``(n,)``, cond ``(n, C)`` → velocity ``(n, L)``."""
+        return self.net(torch.cat([x, self._temb(tau), cond], dim=-1))
+
+    def sample(self, cond: torch.Tensor, steps: int, eta: float, gen: torch.Generator | None = None,
+               z0: torch.Tensor | None = None) -> torch.Tensor:
+        """Multi-step latent generation from ``N(0, I)``: K Euler steps of size ``eta/K`` (t: 1 → 0)."""
+        n = cond.shape[0]
+        x = z0 if z0 is not None else torch.randn(n, self.latent_dim, generator=gen).to(cond.device)
+        dt = eta / steps
+        for k in range(steps):
+            tau = torch.full((n,), 1.0 - k / steps, device=cond.device)
+            x = x - dt * self(x, tau, cond)
+        return x
+
+    def cfm_losses(self, x: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Per-pair CFM losses ``(n, N)`` of latents ``x (n, L)`` with ``noise (n, N, L)``, ``tau (n, N)``."""
+        n, N, Ld = noise.shape
+        xt = tau[..., None] * noise + (1 - tau[..., None]) * x[:, None]
+        v = self(xt.reshape(n * N, Ld), tau.reshape(-1), cond.repeat_interleave(N, 0)).view(n, N, Ld)
+        return ((v - (noise - x[:, None])) ** 2).mean(-1)
+
+
+class QEnsemble(nn.Module):
+    """M critics ``Q_i(s, x)`` → ``(n, M)``."""
+
+    def __init__(self, cond_dim: int, latent_dim: int, m: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(_mlp(cond_dim + latent_dim, hidden, 1) for _ in range(m))
+
+    def forward(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([cond, x], dim=-1)
+        return torch.cat([q(h) for q in self.heads], dim=-1)
+
+
+class _Modules(nn.Module):
+    """What the DeepSpeed engine trains for VLA-FPO (π0 itself stays frozen)."""
+
+    def __init__(self, actor: LatentActor, critic: QEnsemble) -> None:
+        super().__init__()
+        self.actor = actor
+        self.value_critic = critic  # "value" in the name: the trainer gives it the critic learning rate
+
+
+class VLAFPO(Algorithm):
+    name = "vla_fpo"
+
+    def __init__(self, cfg: Any, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        self.modules: _Modules | None = None
+        self.target: QEnsemble | None = None
+        self.window: list[Batch] = []
+        self.dims: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def trainable_module(self, policy: Any, env: VecEnv) -> nn.Module:
+        """Build the latent actor and the Q-ensemble; freeze π0 entirely."""
+        c = policy.config
+        for p in policy.parameters():
+            p.requires_grad_(False)
+        cond_dim = c.vlm_width + c.max_state_dim
+        latent = c.action_horizon * c.action_dim
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self.gen)))
+        actor = LatentActor(cond_dim, latent)
+        critic = QEnsemble(cond_dim, latent, max(1, self.cfg.vla_ensemble))
+        dev = next(policy.parameters()).device
+        self.modules = _Modules(actor, critic).to(dev)
+        self.target = copy.deepcopy(critic).requires_grad_(False)
+        self.dims = (cond_dim, latent)
+        return self.modules
+
+    def _cond(self, policy: Any, obs: EnvObs, dev: torch.device) -> tuple[Any, torch.Tensor]:
+        pobs = to_policy_obs(obs.to(dev), policy)
+        cache = policy.encode_prefix(pobs)
+        state = pobs.state if pobs.state is not None else torch.zeros(
+            pobs.batch_size, policy.config.max_state_dim, device=dev)
+        return cache, torch.cat([cache.pooled.float(), state.float()], dim=-1).detach()
+
+    def _latent(self, cond: torch.Tensor, explore: bool) -> torch.Tensor:
+        assert self.modules is not None
+        x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, self.gen)
+        if explore:
+            x = x + 0.1 * torch.randn(x.shape, generator=self.gen).to(x.device)
+        return x
+
+    def _value(self, cond: torch.Tensor) -> torch.Tensor:
+        assert self.modules is not None
+        with torch.no_grad():
+            x_hat = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta,
+                                              z0=torch.zeros(cond.shape[0], self.dims[1], device=cond.device))
+            return self.modules.value_critic(cond, x_hat).amin(dim=1)
+
+    @torch.no_grad()
+    def eval_noise(self, policy: Any, obs: EnvObs, gen: torch.Generator) -> torch.Tensor:
+        """The actor's exploration-free latents ``(B, H, D)`` for evaluation."""
+        assert self.modules is not None
+        c = policy.config
+        dev = next(policy.parameters()).device
+        _, cond = self._cond(policy, obs, dev)
+        z0 = torch.randn(cond.shape[0], self.dims[1], generator=gen).to(dev)
+        x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, z0=z0)
+        return x.view(-1, c.action_horizon, c.action_dim)
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
+        if self.modules is None:
+            raise RuntimeError("VLAFPO.rollout: call trainable_module(policy, env) first")
+        dev = next(policy.parameters()).device
+        c = policy.config
+        masks_for(env, policy, dev)  # dimension checks
+        T, N = self.cfg.rollout_chunks, self.cfg.fpo_pairs
+        obs_l, conds, lats, olds, noises, taus, rews, dones, vals, next_conds = [], [], [], [], [], [], [], [], [], []
+        ended_s, ended_r = [], []
+        cache, cond = self._cond(policy, obs, dev)
+        for _ in range(T):
+            x = self._latent(cond, explore=True)  # (B, H·D)
+            actions = policy.sample_actions(cache, mode="ode", num_steps=self.cfg.num_steps,
+                                            noise=x.view(-1, c.action_horizon, c.action_dim),
+                                            return_chain=False).actions.float()
+            B = x.shape[0]
+            noise = torch.randn(B, N, x.shape[1], generator=self.gen).to(dev)
+            tau = sample_tau((B, N), self.gen).to(dev)
+            old = self.modules.actor.cfm_losses(x, cond, noise, tau)
+            v = self._value(cond)
+            step = env.step(actions)
+            obs_l.append(obs)
+            conds.append(cond)
+            lats.append(x)
+            olds.append(old)
+            noises.append(noise)
+            taus.append(tau)
+            vals.append(v)
+            rews.append(step.reward.to(dev).float())
+            dones.append(step.done.to(dev))
+            ended_s.append(step.success[step.done].cpu())
+            ended_r.append(step.episode_return[step.done].cpu())
+            obs = step.obs
+            cache, cond = self._cond(policy, obs, dev)
+            next_conds.append(cond)
+        last_v = self._value(cond)
+        R, V, D = torch.stack(rews), torch.stack(vals), torch.stack(dones)
+        adv, ret = L.gae(R, V, D, last_v, self.cfg.gamma, self.cfg.lam)
+        data = {
+            "cond": torch.cat(conds), "latent": torch.cat(lats), "loss_old": torch.cat(olds),
+            "noise": torch.cat(noises), "tau": torch.cat(taus), "adv": adv.reshape(-1), "ret": ret.reshape(-1),
+            "reward": R.reshape(-1), "done": D.reshape(-1).float(), "next_cond": torch.cat(next_conds),
+        }
+        ended = torch.cat(ended_s)
+        stats = {
+            "episodes": float(ended.numel()),
+            "success_rate": float(ended.float().mean()) if ended.numel() else float("nan"),
+            "return": float(torch.cat(ended_r).mean()) if ended.numel() else float("nan"),
+            "explained_variance": L.explained_variance(V.reshape(-1), ret.reshape(-1)),
+            "env_steps": float(env.num_envs * T * env.chunk_steps),
+        }
+        batch = Batch(cat_obs(obs_l), data, stats)
+        self.window = [*self.window[-1:], batch]  # sliding window: this and the previous rollout
+        return batch, obs
+
+    def minibatches(self, batch: Batch) -> Iterator[Batch]:
+        # the actor trains on the new rollout; the critic also sees the previous one
+        both = Batch(batch.obs, {k: torch.cat([b.data[k] for b in self.window]) for k in batch.data}, batch.stats)
+        n_new, n = len(batch), both.data["cond"].shape[0]
+        mb = min(self.cfg.minibatch_size, n_new)
+        for _ in range(self.cfg.epochs):
+            perm = torch.randperm(n_new, generator=self.gen)
+            for s in range(0, n_new - mb + 1, mb):
+                idx = perm[s : s + mb]
+                cidx = torch.randint(n, (mb,), generator=self.gen)
+                yield Batch(batch.obs, {**{k: v[idx] for k, v in batch.data.items()},
+                                        **{f"c_{k}": v[cidx] for k, v in both.data.items()}})
+
+    # ------------------------------------------------------------------ update
+    def loss(self, modules: Any, mb: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        d = mb.data
+        actor, critic = modules.actor, modules.value_critic
+        new = actor.cfm_losses(d["latent"], d["cond"], d["noise"], d["tau"])  # (n, N)
+        delta = (d["loss_old"] - new).mean(dim=1)
+        z = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)
+        ratio = torch.exp(self.cfg.vla_beta * z)
+        adv = L.normalize(d["adv"])
+        if self.cfg.vla_clip:
+            pl, pst = L.ppo_policy_loss(ratio, adv, self.cfg.clip, self.cfg.dual_clip)
+        else:
+            pl = -(ratio * adv).mean()
+            pst = {"clip_frac": torch.zeros(()), "ratio_mean": ratio.mean().detach()}
+        # critic: TD(0) targets from the target ensemble at the actor's next latent
+        with torch.no_grad():
+            x_next = actor.sample(d["c_next_cond"], self.cfg.vla_latent_steps, self.cfg.vla_eta, self.gen)
+            q_next = self.target(d["c_next_cond"], x_next).amin(dim=1)
+            y = d["c_reward"] + self.cfg.gamma * (1 - d["c_done"]) * q_next
+        q = critic(d["c_cond"], d["c_latent"])
+        ql = torch.nn.functional.huber_loss(q, y[:, None].expand_as(q))
+        loss = pl + ql
+        stats = {"policy_loss": float(pl.detach()), "value_loss": float(ql.detach()),
+                 "clip_frac": float(pst["clip_frac"]), "ratio_mean": float(pst["ratio_mean"]),
+                 "ratio_max": float(ratio.detach().max()), "cfm_loss": float(new.detach().mean()),
+                 "ensemble_disagreement": float(q.detach().std(dim=1).mean()) if q.shape[1] > 1 else 0.0}
+        return loss, stats
+
+    def after_step(self) -> None:
+        """Polyak update of the target critics (call after each optimizer step)."""
+        assert self.modules is not None and self.target is not None
+        tau = self.cfg.vla_tau
+        with torch.no_grad():
+            for pt, p in zip(self.target.parameters(), self.modules.value_critic.parameters()):
+                pt.mul_(1 - tau).add_(p.detach(), alpha=tau)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.target is not None:
+            sd["target"] = self.target.state_dict()
+        sd["window"] = [(b.obs, b.data) for b in self.window]
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        if "target" in sd and self.target is not None:
+            self.target.load_state_dict(sd["target"])
+        self.window = [Batch(o, d) for o, d in sd.get("window", [])]

@@ -1,0 +1,379 @@
+"""flowrl's trainer: online RL (FPO, VLA-FPO, Flow-Noise/Flow-SDE PPO, GRPO), offline ARFM and SFT.
+
+    deepspeed flowrl/train.py --config flowrl/configs/reach_fpo.yaml [key.sub=value ...] [--resume]
+    deepspeed --num_gpus 2 flowrl/train.py ...      # two ranks (gloo on CPU, nccl on GPUs)
+    python flowrl/train.py ...                      # one process, no launcher
+
+Each rank runs its own envs and rollouts; the update goes through a DeepSpeed engine (ZeRO
+stage and bf16 from the config). Checkpoints (DeepSpeed state + the policy in safetensors +
+each rank's trainer state) are written atomically every ``checkpoint_every`` iterations;
+``--resume`` continues from the latest one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+if __package__ in (None, ""):  # started as a script: `deepspeed flowrl/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flowrl.algos.base import Algorithm
+from flowrl.checkpoint import finalize_checkpoint, latest_checkpoint, staging_dir, write_atomic
+from flowrl.config import ConfigError, TrainConfig, load_config
+
+__all__ = ["build_algorithm", "build_env", "build_policy", "main", "train"]
+
+
+# ---------------------------------------------------------------------------------------- builders
+def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0) -> Algorithm:
+    """The algorithm object for ``name`` (default ``cfg.algo.name``)."""
+    from flowrl.algos.flow_ppo import FlowNoisePPO, FlowSDEPPO
+    from flowrl.algos.fpo import FPO
+    from flowrl.algos.grpo import GRPO
+    from flowrl.algos.offline import ARFM, SFT
+
+    name = name or cfg.algo.name
+    table: dict[str, Any] = {"sft": SFT, "arfm": ARFM, "fpo": FPO, "flow_noise_ppo": FlowNoisePPO,
+                             "flow_sde_ppo": FlowSDEPPO, "grpo": GRPO}
+    if name == "vla_fpo":
+        from flowrl.algos.vla_fpo import VLAFPO
+
+        table["vla_fpo"] = VLAFPO
+    if name not in table:
+        raise ConfigError(f"algo.name: unknown algorithm {name!r}; expected one of {sorted(table)}")
+    return table[name](cfg.algo, seed)
+
+
+def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu") -> Any:
+    """This rank's vectorized env."""
+    e = cfg.env
+    if e.name == "reach":
+        from flowrl.envs import ReachEnv
+
+        env = ReachEnv(e.num_envs, num_targets=e.num_targets, image_size=e.image_size, chunk_steps=e.chunk_steps,
+                       max_episode_steps=e.max_episode_steps, state_with_targets=e.state_with_targets,
+                       state_with_goal=e.state_with_goal,
+                       group_size=cfg.algo.group_size if cfg.algo.name == "grpo" else 1, device=device)
+        env.set_expert_quality(e.expert_quality)
+        return env
+    if e.name == "libero":
+        from flowrl.envs.libero import LiberoEnv  # type: ignore[import-not-found]
+
+        return LiberoEnv.from_config(e, rank=rank)
+    raise ConfigError(f"env.name: unknown environment {e.name!r}")
+
+
+def build_policy(cfg: TrainConfig, env: Any) -> Any:
+    """The policy: a named config sized to the env, or loaded from ``model.init_from``."""
+    from flowrl.models import Pi0Policy, from_pretrained, get_config
+
+    m = cfg.model
+    if m.init_from:
+        src = Path(m.init_from)
+        if (src / "policy").is_dir():  # a trainer checkpoint
+            src = src / "policy"
+        policy = from_pretrained(str(src))
+    else:
+        over = {"variant": m.variant, "num_cameras": env.num_cameras, "image_size": env.image_size,
+                "value_heads": m.num_value_heads, "noise_std_min": cfg.algo.noise_min,
+                "noise_std_max": cfg.algo.noise_max, "num_steps": cfg.algo.num_steps, **m.overrides}
+        if m.config in ("tiny", "small"):
+            over.setdefault("vocab_size", max(env.vocab_size, 16))
+            over.setdefault("max_token_len", env.max_token_len)
+        try:
+            pc = get_config(m.config, **over)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: cannot build config {m.config!r} with {over}: {e}") from e
+        policy = Pi0Policy(pc)
+    pc = policy.config
+    problems = []
+    if env.action_dim > pc.action_dim:
+        problems.append(f"env action_dim {env.action_dim} > policy action_dim {pc.action_dim}")
+    if pc.variant == "pi0" and env.state_dim > pc.max_state_dim:
+        problems.append(f"env state_dim {env.state_dim} > policy max_state_dim {pc.max_state_dim}")
+    if env.chunk_steps > pc.action_horizon:
+        problems.append(f"env chunk_steps {env.chunk_steps} > policy action_horizon {pc.action_horizon}")
+    if env.vocab_size > pc.vocab_size:
+        problems.append(f"env vocabulary {env.vocab_size} > policy vocab_size {pc.vocab_size}")
+    if env.image_size != pc.image_size or env.num_cameras != pc.num_cameras:
+        problems.append(f"env images {env.num_cameras}x{env.image_size}² != policy {pc.num_cameras}x{pc.image_size}²")
+    if problems:
+        raise ConfigError("env/policy dimension mismatch: " + "; ".join(problems))
+    if m.freeze != "none":
+        policy.freeze(m.freeze)
+    return policy
+
+
+# ---------------------------------------------------------------------------------------- distributed
+def _init_distributed() -> tuple[int, int]:
+    import deepspeed
+
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", os.environ.get("MASTER_PORT", "29512"))):
+        os.environ.setdefault(k, v)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _ds_config(cfg: TrainConfig) -> dict[str, Any]:
+    bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and torch.cuda.is_available())
+    return {
+        "train_micro_batch_size_per_gpu": cfg.algo.minibatch_size,
+        "gradient_accumulation_steps": cfg.algo.grad_accum,
+        "gradient_clipping": cfg.algo.max_grad_norm,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _optimizer(policy: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    critic, actor = [], []
+    for n, p in policy.named_parameters():
+        if p.requires_grad:
+            (critic if "value" in n else actor).append(p)
+    if not actor and not critic:
+        raise ConfigError("model.freeze left no trainable parameters")
+    groups = [{"params": actor, "lr": cfg.algo.lr}]
+    if critic:
+        groups.append({"params": critic, "lr": cfg.algo.critic_lr})
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.algo.lr, weight_decay=0.0)
+
+
+def _all_mean(stats: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] if math.isfinite(stats[k]) else 0.0 for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+# ---------------------------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
+    """Run the configured training; returns the final metrics (and evaluation before/after)."""
+    import deepspeed
+
+    run_dir = Path(cfg.run_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise ConfigError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    rank, world = _init_distributed()
+    from flowrl.config import validate
+
+    validate(cfg, world)
+    torch.manual_seed(cfg.seed + 1000 * rank)
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+
+    env = build_env(cfg, rank, dev)
+    policy = build_policy(cfg, env).to(dev)
+    main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank)
+    sft_algo = build_algorithm(cfg, "sft", seed=cfg.seed + 1000 * rank + 1) if cfg.sft_iterations else None
+    total = cfg.sft_iterations + cfg.iterations
+    # VLA-FPO trains its own latent actor + Q-ensemble (π0 frozen); the others train the policy
+    module = main_algo.trainable_module(policy, env) if hasattr(main_algo, "trainable_module") else policy
+    opt = _optimizer(module, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=_ds_config(cfg))
+    start_iter, history = 0, []
+    obs = env.reset(seed=cfg.seed * 1000 + rank)
+    if ckpt is not None:
+        engine.load_checkpoint(str(ckpt), tag="ds")
+        st = torch.load(ckpt / f"trainer_rank{rank}.pt", weights_only=False)
+        env.load_state_dict(st["env"])
+        main_algo.load_state_dict(st["algo"])
+        if sft_algo is not None and "sft_algo" in st:
+            sft_algo.load_state_dict(st["sft_algo"])
+        torch.set_rng_state(st["torch_rng"])
+        start_iter, history = st["iteration"] + 1, st["history"]
+        obs = env.observe() if hasattr(env, "observe") else env.reset()
+        log(f"[flowrl] resumed from {ckpt} at iteration {start_iter}")
+
+    writer = None
+    if rank == 0 and cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            writer = None
+    from flowrl.eval import evaluate
+
+    result: dict[str, Any] = {}
+    if cfg.eval_episodes and start_iter == 0:
+        policy.eval()
+        result["eval_before"] = evaluate(policy, build_env(cfg, rank, dev), cfg.eval_episodes, cfg.seed + 77,
+                                         cfg.algo.num_steps, getattr(main_algo, "eval_noise", None))
+        if rank == 0:
+            log(f"[flowrl] success before: {result['eval_before']['success_rate']:.3f}")
+    for it in range(start_iter, total):
+        algo = sft_algo if it < cfg.sft_iterations else main_algo
+        if sft_algo is not None and it == cfg.sft_iterations and cfg.eval_episodes:
+            policy.eval()
+            result["eval_after_sft"] = evaluate(policy, build_env(cfg, rank, dev), cfg.eval_episodes,
+                                                cfg.seed + 77, cfg.algo.num_steps)
+            obs = env.reset(seed=cfg.seed * 1000 + rank + 1)
+            if rank == 0:
+                log(f"[flowrl] success after SFT: {result['eval_after_sft']['success_rate']:.3f}")
+        opt.param_groups[0]["lr"] = cfg.algo.sft_lr if algo.name in ("sft", "arfm") else cfg.algo.lr
+        t0 = time.perf_counter()
+        policy.eval()
+        batch, obs = algo.rollout(env, policy, obs)
+        t_roll = time.perf_counter() - t0
+        policy.train()
+        t1 = time.perf_counter()
+        agg: dict[str, list[float]] = {}
+        n_updates = 0
+        for mb in algo.minibatches(batch):
+            loss, st = algo.loss(engine.module, mb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"iteration {it}: non-finite loss {float(loss)} ({st})")
+            engine.backward(loss)
+            engine.step()
+            if hasattr(algo, "after_step"):
+                algo.after_step()
+            n_updates += 1
+            for k, v in st.items():
+                agg.setdefault(k, []).append(float(v))
+        t_upd = time.perf_counter() - t1
+        metrics = {k: sum(v) / len(v) for k, v in agg.items()}
+        metrics.update({k: float(v) for k, v in batch.stats.items()})
+        metrics.update(rollout_s=t_roll, update_s=t_upd, samples=float(len(batch)),
+                       rollout_samples_per_s=len(batch) / max(t_roll, 1e-9),
+                       update_samples_per_s=len(batch) * max(n_updates, 1) / max(t_upd, 1e-9) / max(
+                           1, math.ceil(len(batch) / cfg.algo.minibatch_size)),
+                       rollout_fraction=t_roll / max(t_roll + t_upd, 1e-9))
+        if torch.cuda.is_available():
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        metrics = _all_mean(metrics, world)
+        metrics["iteration"] = float(it)
+        metrics["phase_sft"] = float(algo is sft_algo)
+        history.append(metrics)
+        if rank == 0:
+            line = " ".join(f"{k}={metrics[k]:.4g}" for k in ("success_rate", "return", "policy_loss", "cfm_loss",
+                                                                "approx_kl", "clip_frac", "rollout_s", "update_s")
+                            if k in metrics)
+            log(f"[flowrl] it {it + 1}/{total} [{algo.name}] {line}")
+            if writer is not None:
+                for k, v in metrics.items():
+                    if math.isfinite(v):
+                        writer.add_scalar(k, v, it)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        last = it == total - 1
+        if cfg.checkpoint_every and ((it + 1) % cfg.checkpoint_every == 0 or last):
+            save_checkpoint(engine, policy, env, main_algo, sft_algo, cfg, it, history, rank)
+    if cfg.eval_episodes:
+        policy.eval()
+        result["eval_after"] = evaluate(policy, build_env(cfg, rank, dev), cfg.eval_episodes, cfg.seed + 77,
+                                        cfg.algo.num_steps, getattr(main_algo, "eval_noise", None))
+        if rank == 0:
+            before = result.get("eval_before", {}).get("success_rate", float("nan"))
+            log(f"[flowrl] success before {before:.3f} -> after {result['eval_after']['success_rate']:.3f}")
+    if rank == 0 and cfg.plot and history:
+        _plot(history, run_dir / "curves.png")
+    if writer is not None:
+        writer.close()
+    result["history"] = history
+    result["policy"] = policy
+    return result
+
+
+def save_checkpoint(engine: Any, policy: Any, env: Any, algo: Algorithm, sft_algo: Algorithm | None,
+                    cfg: TrainConfig, it: int, history: list, rank: int) -> None:
+    """Write the checkpoint of iteration ``it`` into a staging directory, then publish it atomically."""
+    stage = staging_dir(cfg.run_dir, it)
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    engine.save_checkpoint(str(stage), tag="ds")
+    import io
+
+    buf = io.BytesIO()
+    state = {"env": env.state_dict(), "algo": algo.state_dict(), "torch_rng": torch.get_rng_state(),
+             "iteration": it, "history": history}
+    if sft_algo is not None:
+        state["sft_algo"] = sft_algo.state_dict()
+    torch.save(state, buf)
+    write_atomic(stage / f"trainer_rank{rank}.pt", buf.getvalue())
+    if rank == 0:
+        policy.save_pretrained(str(stage / "policy"))
+        if engine.module is not policy and cfg.zero_stage < 3:  # VLA-FPO: the latent actor + critics too
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()},
+                      str(stage / "latent_actor.safetensors"))
+        write_atomic(stage / "train_config.json", json.dumps(_asdict(cfg), indent=1).encode())
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        finalize_checkpoint(cfg.run_dir, it)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _asdict(cfg: TrainConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _plot(history: list[dict[str, float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = [k for k in ("success_rate", "return", "policy_loss", "cfm_loss", "approx_kl", "value_loss")
+            if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+        ax.plot([h["iteration"] for h in history if k in h], [h[k] for h in history if k in h])
+        ax.set_title(k)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (default: the built-in reach + FPO defaults)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = p.parse_intermixed_args(argv)  # `run_dir=x --resume iterations=4` works too
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(args.config, args.overrides, world_size=world)  # fails before any work starts
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    return train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"flowrl: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)

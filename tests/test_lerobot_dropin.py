@@ -1,0 +1,116 @@
+"""flowkernels as a drop-in for lerobot 0.6.1's π0 / π0.5 (flowkernels/integrations/lerobot.py).
+
+lerobot needs Python ≥ 3.12 and torch < 2.12, so it lives in its own venv (``scripts/setup_lerobot_env.sh``
+builds ``.venv-lerobot`` and installs flowkernels into it, editable; ``LEROBOT_VENV`` moves it). These
+tests run ``tests/lerobot_dropin_worker.py`` there and assert on its JSON report:
+
+* ``basic`` — for the tiny random π0 and π0.5: patched ``sample_actions`` == lerobot's (≤ 1e-5, fp32,
+  same noise) on a live instance, for every option combination, and with the class patched before
+  construction; the patched path clones the prefix cache 0 times (lerobot: once per step) and never
+  appends to it; revert restores the original methods and bit-identical outputs; applying twice is
+  harmless; ``sample_actions_with_logprob`` (Flow-SDE all steps / one step per sample with a dim mask,
+  Flow-Noise with a fixed std) returns log-probs equal to ``fk.chain_logprob`` recomputed from the chain
+  with lerobot's own ``denoise_step`` velocities.
+* ``compile`` (slow, opt-in with ``FLOWKERNELS_LEROBOT_COMPILE_TEST=1``) — the same with lerobot's
+  ``config.compile_model`` (torch.compile of ``sample_actions`` bound on the instance,
+  ``compile_mode="default"`` on CPU): a compiled live
+  instance is patched and recompiled, the class patched before construction is compiled by lerobot,
+  revert gives back lerobot's compiled method.
+
+Both skip with a reason when the venv or flowkernels inside it is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "lerobot_dropin_worker.py"
+
+
+def _lerobot_python() -> Path | None:
+    venv = Path(os.environ.get("LEROBOT_VENV", ".venv-lerobot"))
+    if not venv.is_absolute():
+        venv = ROOT / venv
+    py = venv / "bin" / "python"
+    return py if py.exists() else None
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the lerobot venv imports its own (editable) flowkernels, not this venv's
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+@functools.cache
+def _skip_reason() -> str | None:
+    py = _lerobot_python()
+    if py is None:
+        return (
+            "no lerobot venv (run scripts/setup_lerobot_env.sh, or set LEROBOT_VENV to one holding lerobot[pi]==0.6.1)"
+        )
+    probe = subprocess.run(
+        [str(py), "-c", "import lerobot.policies.pi0.modeling_pi0, flowkernels.integrations.lerobot"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return (
+            f"lerobot venv {py.parent.parent} cannot import lerobot's π0 and flowkernels.integrations.lerobot "
+            f"({last}); `bash scripts/setup_lerobot_env.sh` installs flowkernels there"
+        )
+    return None
+
+
+def _run_worker(group: str, tmp_path: Path, timeout: int) -> list[dict]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / f"{group}.json"
+    proc = subprocess.run(
+        [str(_lerobot_python()), str(WORKER), "--group", group, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    if not out.exists():
+        pytest.fail(f"worker wrote no report (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def _assert_all(results: list[dict]) -> None:
+    assert results, "the worker ran no checks"
+    failed = [f"{r['name']}: {r['detail']}" for r in results if not r["ok"]]
+    assert not failed, "failed checks:\n" + "\n".join(failed)
+
+
+def test_lerobot_dropin_eager(tmp_path):
+    results = _run_worker("basic", tmp_path, timeout=900)
+    names = {r["name"] for r in results}
+    for variant in ("pi0", "pi05"):
+        assert f"{variant}/instance patch == lerobot" in names
+        assert f"{variant}/patched path never clones or extends the cache" in names
+    _assert_all(results)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FLOWKERNELS_LEROBOT_COMPILE_TEST") != "1",
+    reason="torch.compile (inductor) of lerobot's sample_actions takes ~3-4 min per compilation on a 2-core CPU "
+    "(6 compilations); set FLOWKERNELS_LEROBOT_COMPILE_TEST=1 to run it",
+)
+def test_lerobot_dropin_compiled(tmp_path):
+    results = _run_worker("compile", tmp_path, timeout=3600)
+    _assert_all(results)

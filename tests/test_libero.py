@@ -1,0 +1,191 @@
+"""LIBERO env (flowrl.envs.libero): real scenes in worker processes.
+
+The scene tests are skipped when the ``libero`` package (``pip install -e '.[libero]'``) or a
+headless GL backend (EGL / OSMesa) is missing. They share one 2-worker env at 64² with fast
+rendering to stay within a few minutes on a 2-core CPU (building a scene takes 5–30 s).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from flowrl.envs._libero_worker import quat2axisangle
+from flowrl.envs.libero import MAX_EPISODE_STEPS, ByteTokenizer, WordTokenizer, libero_unavailable_reason
+
+S = 64  # camera resolution in these tests (a multiple of the tiny policy's patch size 8)
+
+
+# ---------------------------------------------------------------------------------- no scene needed
+def test_word_tokenizer_deterministic_and_padded():
+    tok = WordTokenizer(vocab_size=512, max_len=12)
+    texts = ["Pick up the black bowl", "put the bowl on the plate"]
+    a, m = tok(texts)
+    b, _ = WordTokenizer(vocab_size=512, max_len=12)(texts)
+    assert a.shape == (2, 12) and a.dtype == torch.int64 and m.dtype == torch.bool
+    assert torch.equal(a, b)
+    assert m.sum(1).tolist() == [5, 6]
+    assert int(a.max()) < 512 and int(a[m].min()) >= 1 and not a[~m].any()
+    assert a[0, 2] == a[1, 1] == a[1, 4]  # "the" → one id
+    with pytest.raises(ValueError, match="max_len"):
+        WordTokenizer(max_len=2)(["one two three"])
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer(max_len=8)
+    t, m = tok(["ab"])
+    assert t[0, :3].tolist() == [ord("a") + 1, ord("b") + 1, 0] and m[0].sum() == 2
+    assert tok.vocab_size == 257
+
+
+def test_quat2axisangle_matches_rotation():
+    # 90° about z: quaternion (x, y, z, w) = (0, 0, sin 45°, cos 45°)
+    q = np.array([0.0, 0.0, math.sin(math.pi / 4), math.cos(math.pi / 4)])
+    np.testing.assert_allclose(quat2axisangle(q), [0.0, 0.0, math.pi / 2], atol=1e-6)
+    np.testing.assert_allclose(quat2axisangle(np.array([0.0, 0.0, 0.0, 1.0])), np.zeros(3))
+
+
+def test_suite_time_limits():
+    assert MAX_EPISODE_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
+                                 "libero_10": 520, "libero_90": 400}
+
+
+# ---------------------------------------------------------------------------------- real scenes
+_REASON = libero_unavailable_reason()
+needs_libero = pytest.mark.skipif(_REASON is not None, reason=f"LIBERO unavailable: {_REASON}")
+
+
+@pytest.fixture(scope="module")
+def env():
+    from flowrl.envs.libero import LiberoEnv
+
+    e = LiberoEnv("libero_spatial", task_ids=[0, 1], num_envs=2, chunk_steps=2, image_size=S, fast_render=True,
+                  settle_steps=5, step_timeout=60, reset_timeout=120, start_timeout=300)
+    yield e
+    e.close()
+
+
+def _to_policy_obs(obs, policy):
+    from flowrl.models import Observation
+
+    cfg = policy.config
+    pad = torch.zeros(obs.state.shape[0], cfg.max_state_dim - obs.state.shape[1])
+    return Observation(images=obs.images, image_masks=obs.image_masks, tokens=obs.tokens,
+                       token_masks=obs.token_masks, state=torch.cat([obs.state, pad], 1))
+
+
+def _check_obs(obs, B):
+    assert obs.images.shape == (B, 2, 3, S, S) and obs.images.dtype == torch.float32
+    assert float(obs.images.min()) >= -1.0 and float(obs.images.max()) <= 1.0
+    assert obs.state.shape == (B, 8) and torch.isfinite(obs.state).all()
+    for b in range(B):
+        for c in range(2):
+            assert float(obs.images[b, c].std()) > 0.05, f"env {b} camera {c} looks blank"
+        assert float((obs.images[b, 0] - obs.images[b, 1]).abs().mean()) > 0.05, "the two cameras are identical"
+    assert obs.image_masks.all()
+    assert obs.tokens.shape[0] == B and obs.token_masks[:, 0].all()
+
+
+@needs_libero
+def test_libero_rollout_with_tiny_policy(env):
+    from flowrl.models import Pi0Policy, get_config
+
+    assert env.num_envs == 2 and env.action_dim == 7 and env.state_dim == 8 and env.num_cameras == 2
+    assert env.max_episode_steps == 220
+    assert "black bowl" in env.instructions[0] and env.instructions[0] != env.instructions[1]
+    obs = env.reset(seed=0)
+    _check_obs(obs, 2)
+    # the gripper starts open (fingers apart) and the end effector above the table
+    assert float(obs.state[0, 6]) > 0.01 and float(obs.state[0, 7]) < -0.01 and float(obs.state[0, 2]) > 0.8
+
+    torch.manual_seed(0)
+    policy = Pi0Policy(get_config("tiny", num_cameras=2, image_size=S, vocab_size=env.vocab_size,
+                                  max_token_len=env.max_token_len, action_horizon=4)).eval()
+    first_state = obs.state.clone()
+    for _ in range(10):
+        out = policy.sample_actions(_to_policy_obs(obs, policy), mode="ode", num_steps=2)
+        actions = out.actions.clamp(-1, 1)
+        assert actions.shape[:2] == (2, 4)
+        step = env.step(actions)
+        obs = step.obs
+        assert step.executed.tolist() == [2, 2] and not step.done.any()
+        assert step.reward.shape == (2,) and step.truncated.dtype == torch.bool
+    _check_obs(obs, 2)
+    assert env.t.tolist() == [20, 20]
+    assert (obs.state - first_state).abs().max() > 1e-3  # the robot moved
+
+
+@needs_libero
+def test_libero_worker_killed_recovers(env):
+    obs = env.reset(seed=1)
+    env.step(torch.zeros(2, 2, 7))
+    pids = env.worker_pids
+    os.kill(pids[1], signal.SIGKILL)
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    step = env.step(torch.zeros(2, 2, 7))
+    print(f"restart + reset of a killed worker: {time.perf_counter() - t0:.1f} s")
+    assert step.done.tolist() == [False, True]
+    assert step.truncated.tolist() == [False, True] and not step.success.any()
+    assert step.executed.tolist() == [2, 0] and step.episode_length.tolist() == [0, 2]
+    assert env.worker_pids[0] == pids[0] and env.worker_pids[1] != pids[1]
+    _check_obs(step.obs, 2)
+    assert env.t.tolist() == [4, 0] and env.restarts.tolist() == [0, 1]
+    step = env.step(torch.zeros(2, 2, 7))  # the restarted worker goes on
+    assert step.executed.tolist() == [2, 2] and not step.done.any()
+    del obs
+
+
+@needs_libero
+def test_libero_hung_worker_times_out_and_recovers(env):
+    env.reset(seed=2)
+    pid0 = env.worker_pids[0]
+    env._workers[0].send(("hang", 120.0))  # test hook: the worker stops answering
+    old, env.step_timeout = env.step_timeout, 3.0
+    try:
+        step = env.step(torch.zeros(2, 2, 7))
+    finally:
+        env.step_timeout = old
+    assert step.done.tolist() == [True, False] and step.truncated.tolist() == [True, False]
+    assert step.executed.tolist() == [0, 2] and env.worker_pids[0] != pid0
+    _check_obs(step.obs, 2)
+
+
+@needs_libero
+def test_libero_close_stops_workers():
+    from flowrl.envs.libero import LiberoEnv
+
+    e = LiberoEnv("libero_object", task_ids=[0], num_envs=1, image_size=32, fast_render=True, settle_steps=0)
+    pid = e.worker_pids[0]
+    assert e.instructions[0] and e.max_episode_steps == 280
+    e.close()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    with pytest.raises(RuntimeError, match="closed"):
+        e.reset()
+
+
+def test_from_config_arguments():
+    from flowrl.config import EnvConfig
+    from flowrl.envs.libero import LiberoEnv
+
+    class Capture(LiberoEnv):
+        def __init__(self, suite, task_ids, **kw):  # no workers: record the arguments
+            self.args = (suite, task_ids, kw)
+
+    cfg = EnvConfig(name="libero", num_envs=3, image_size=128, chunk_steps=4, suite="libero_goal", task_ids=[1, 2])
+    suite, tasks, kw = Capture.from_config(cfg, rank=2).args
+    assert (suite, tasks) == ("libero_goal", [1, 2])
+    assert kw["num_envs"] == 3 and kw["image_size"] == 128 and kw["chunk_steps"] == 4
+    assert kw["max_episode_steps"] is None  # the suite's standard limit, not the reaching task's default
+    assert kw["env_offset"] == 6 and kw["seed"] == 2000
+    cfg.max_episode_steps = 100
+    assert Capture.from_config(cfg, rank=0, fast_render=True).args[2]["max_episode_steps"] == 100
