@@ -43,6 +43,9 @@ class EnvConfig:
     expert_quality: float = 0.6  # demonstrations for SFT / ARFM
     suite: str = "libero_spatial"  # libero only
     task_ids: list[int] = field(default_factory=lambda: [0])
+    fast_render: bool = False  # libero: no shadows, reflections, multisampling
+    settle_steps: int = 10  # libero: no-op steps after reset
+    flip: str = "vertical"  # libero: "vertical" (upright) or "rotate180" (openpi / lerobot preprocessing)
 
 
 @dataclass
@@ -140,6 +143,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):  # YAML reads `false` as a bool: keep the spelling
+            return "true" if value else "false"
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -228,6 +233,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                           "pass its checkpoint as model.init_from")
     if cfg.model.freeze not in ("expert_only", "expert_and_vlm", "none"):
         raise ConfigError(f"model.freeze must be expert_only, expert_and_vlm or none, got {cfg.model.freeze!r}")
+    if cfg.env.name == "libero" and cfg.model.config in ("pi0", "pi05") and not cfg.model.init_from:
+        raise ConfigError(f"model.config={cfg.model.config} on LIBERO needs model.init_from=<a local π0 checkpoint "
+                          "directory> (a randomly initialized full-size π0 cannot solve LIBERO)")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         raise ConfigError(f"model.init_from: checkpoint directory {cfg.model.init_from!r} does not exist")
     if world_size > 1 and a.sft_batch % world_size != 0:

@@ -565,6 +565,25 @@ class LiberoEnv(VecEnv):
         self._started = True
         return self.observe()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Episode counters and seed (for trainer checkpoints).
+
+        The simulator states live in the workers and are not saved: after
+        :meth:`load_state_dict` the in-flight episodes restart from their init states (the
+        episode counters, hence the init-state schedule, continue exactly).
+        """
+        return {"seed": self.seed, "episode": np.array(self.episode, copy=True)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._check_open()
+        if len(sd["episode"]) != self.num_envs:
+            raise ValueError(f"LiberoEnv.load_state_dict: state for {len(sd['episode'])} envs, this env has "
+                             f"{self.num_envs}")
+        self.seed = int(sd["seed"])
+        self.episode[:] = sd["episode"]
+        self._reset_envs(list(range(self.num_envs)))
+        self._started = True
+
     def observe(self) -> EnvObs:
         images = torch.from_numpy(self._images).permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
         dev = self.device
