@@ -77,21 +77,41 @@ def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_ste
             "return": sum(rets) / len(rets)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    from flowrl.envs import ReachEnv
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    import json
+    from pathlib import Path
+
+    from flowrl.config import TrainConfig, apply_overrides
     from flowrl.models import from_pretrained
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a policy directory (safetensors + config)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a trainer checkpoint directory (iter_N/) or a policy directory (safetensors + config)")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--num-envs", type=int, default=32)
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--num-steps", type=int, default=None, help="denoising steps K (default: the run's)")
     args = p.parse_args(argv)
-    policy = from_pretrained(args.checkpoint)
-    env = ReachEnv(args.num_envs)
-    r = evaluate(policy, env, args.episodes, args.seed)
+    ck = Path(args.checkpoint)
+    if not ck.is_dir():
+        raise SystemExit(f"flowrl.eval: checkpoint directory {ck} does not exist")
+    run_cfg = next((d / "train_config.json" for d in (ck, ck.parent) if (d / "train_config.json").is_file()), None)
+    policy = from_pretrained(str(ck / "policy" if (ck / "policy").is_dir() else ck)).eval()
+    cfg = TrainConfig()
+    if run_cfg is not None:  # the env the policy was trained on
+        saved = json.loads(run_cfg.read_text())
+        apply_overrides(cfg, {"env": saved["env"], "algo": {"num_steps": saved["algo"]["num_steps"]}})
+    cfg.env.num_envs = args.num_envs
+    from flowrl.train import build_env
+
+    env = build_env(cfg)
+    try:
+        r = evaluate(policy, env, args.episodes, args.seed, args.num_steps or cfg.algo.num_steps)
+    finally:
+        env.close()
     print(f"success {r['success_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) over "
           f"{int(r['episodes'])} episodes; mean return {r['return']:.3f}")
+    return r
 
 
 if __name__ == "__main__":

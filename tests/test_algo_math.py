@@ -86,3 +86,11 @@ def test_explained_variance():
     t = torch.tensor([1.0, 2.0, 3.0])
     assert L.explained_variance(t, t) == 1.0
     assert abs(L.explained_variance(torch.full((3,), 2.0), t)) < 1e-6
+
+
+def test_wilson_interval():
+    from flowrl.eval import wilson_interval
+
+    lo, hi = wilson_interval(20, 64)
+    assert math.isclose(lo, 0.2124, abs_tol=1e-3) and math.isclose(hi, 0.4343, abs_tol=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0

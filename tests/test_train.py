@@ -94,6 +94,11 @@ def test_smoke_every_algorithm(tmp_path, algo):
     st = torch.load(ckpt / "trainer_rank0.pt", weights_only=False)
     assert st["iteration"] == 0 and len(st["history"]) == 1
 
+    if algo == "sft":  # the eval CLI rebuilds the run's env from the checkpoint's train_config.json
+        from flowrl.eval import main as eval_main
+
+        r = eval_main(["--checkpoint", str(ckpt), "--episodes", "4", "--num-envs", "2"])
+        assert r["episodes"] == 4 and 0.0 <= r["ci_low"] <= r["success_rate"] <= r["ci_high"] <= 1.0
     if algo == "vla_fpo":  # π0 frozen: the trained latent actor + critics are saved beside it
         assert (ckpt / "latent_actor.safetensors").is_file()
     trained = _params(res["policy"])
