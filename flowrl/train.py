@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         policy.train()
         t1 = time.perf_counter()
         agg: dict[str, list[float]] = {}
-        n_updates = 0
+        n_updates = processed = 0
         for mb in algo.minibatches(batch):
             loss, st = algo.loss(engine.module, mb)
             if not torch.isfinite(loss):
@@ -247,6 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             if hasattr(algo, "after_step"):
                 algo.after_step()
             n_updates += 1
+            processed += len(mb)
             for k, v in st.items():
                 agg.setdefault(k, []).append(float(v))
         t_upd = time.perf_counter() - t1
@@ -254,8 +255,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         metrics.update({k: float(v) for k, v in batch.stats.items()})
         metrics.update(rollout_s=t_roll, update_s=t_upd, samples=float(len(batch)),
                        rollout_samples_per_s=len(batch) / max(t_roll, 1e-9),
-                       update_samples_per_s=len(batch) * max(n_updates, 1) / max(t_upd, 1e-9) / max(
-                           1, math.ceil(len(batch) / cfg.algo.minibatch_size)),
+                       update_samples_per_s=processed / max(t_upd, 1e-9),
                        rollout_fraction=t_roll / max(t_roll + t_upd, 1e-9))
         if torch.cuda.is_available():
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -23,7 +23,7 @@ import math
 import torch
 
 from flowkernels._backend import BackendUnavailableError, resolve_backend
-from flowkernels._checks import fmt_shape, nvtx_range
+from flowkernels._checks import fmt_shape, nvtx_range, value_checks_enabled
 
 __all__ = ["merge_attention_states", "prefix_attention", "prefix_attention_ref"]
 
@@ -171,6 +171,16 @@ def merge_attention_states(
     return out.to(out_a.dtype), lse
 
 
+def _check_bool_mask(op: str, name: str, m: object, shape: tuple[int, int], dims: str, device: torch.device) -> None:
+    if not isinstance(m, torch.Tensor) or tuple(m.shape) != shape:
+        got = fmt_shape(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"{op}: {name} must be a bool tensor of shape {dims} = {fmt_shape(shape)}, got {got}")
+    if m.dtype != torch.bool:
+        raise TypeError(f"{op}: {name} must be bool (True = attend), got {m.dtype}")
+    if m.device != device:
+        raise ValueError(f"{op}: {name} is on {m.device} but q is on {device}")
+
+
 def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -229,28 +239,16 @@ def _check_inputs(
             raise TypeError(f"{op}: prefix_lens must be int32 or int64, got {prefix_lens.dtype}")
         if prefix_lens.device != q.device:
             raise ValueError(f"{op}: prefix_lens is on {prefix_lens.device} but q is on {q.device}")
-        if not torch.compiler.is_compiling():
+        if value_checks_enabled(q.device):  # reads the values: a host sync (off with fk.set_value_checks(False))
             lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
             if lo < 0 or hi > P:
                 raise ValueError(f"{op}: prefix_lens must lie in [0, P = {P}], got values in [{lo}, {hi}]")
         valid = torch.arange(P, device=q.device)[None, :] < prefix_lens[:, None]
     if prefix_mask is not None:
-        if not isinstance(prefix_mask, torch.Tensor) or prefix_mask.shape != (B, P):
-            got = fmt_shape(prefix_mask.shape) if isinstance(prefix_mask, torch.Tensor) else type(prefix_mask).__name__
-            raise ValueError(f"{op}: prefix_mask must be a bool tensor of shape (B, P) = ({B}, {P}), got {got}")
-        if prefix_mask.dtype != torch.bool:
-            raise TypeError(f"{op}: prefix_mask must be bool (True = attend), got {prefix_mask.dtype}")
-        if prefix_mask.device != q.device:
-            raise ValueError(f"{op}: prefix_mask is on {prefix_mask.device} but q is on {q.device}")
+        _check_bool_mask(op, "prefix_mask", prefix_mask, (B, P), "(B, P)", q.device)
         valid = prefix_mask
     if suffix_mask is not None:
-        if not isinstance(suffix_mask, torch.Tensor) or suffix_mask.shape != (S, S):
-            got = fmt_shape(suffix_mask.shape) if isinstance(suffix_mask, torch.Tensor) else type(suffix_mask).__name__
-            raise ValueError(f"{op}: suffix_mask must be a bool tensor of shape (S, S) = ({S}, {S}), got {got}")
-        if suffix_mask.dtype != torch.bool:
-            raise TypeError(f"{op}: suffix_mask must be bool (True = attend), got {suffix_mask.dtype}")
-        if suffix_mask.device != q.device:
-            raise ValueError(f"{op}: suffix_mask is on {suffix_mask.device} but q is on {q.device}")
+        _check_bool_mask(op, "suffix_mask", suffix_mask, (S, S), "(S, S)", q.device)
     return valid
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from flowrl.algos.base import Batch
-from flowrl.algos.onpolicy import OnPolicy, store_masks
+from flowrl.algos.onpolicy import OnPolicy
 
 __all__ = ["FlowNoisePPO", "FlowSDEPPO"]
 
@@ -39,7 +39,7 @@ class _ChainPPO(OnPolicy):
         )
         lp = policy.chain_logprob(pobs, res.chain, mode=self.mode, steps=steps, dim_mask=dim_mask,
                                   step_mask=step_mask, reduce=self.cfg.logprob_reduce).float()
-        store = {"chain": res.chain, "logp_old": lp, **store_masks(B, dim_mask, step_mask)}
+        store = {"chain": res.chain, "logp_old": lp}
         if steps is not None:
             store["steps"] = steps
         return res.actions.float(), store

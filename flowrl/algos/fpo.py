@@ -14,7 +14,7 @@ import torch
 
 import flowkernels
 from flowrl.algos.base import Batch
-from flowrl.algos.onpolicy import OnPolicy, store_masks
+from flowrl.algos.onpolicy import OnPolicy
 
 __all__ = ["FPO", "draw_pairs", "sample_tau"]
 
@@ -55,7 +55,7 @@ class FPO(OnPolicy):
         actions = res.actions.float()
         noise, tau = draw_pairs(B, self.cfg.fpo_pairs, cfg.action_horizon, cfg.action_dim, self.gen, dev)
         old = policy.cfm_losses(pobs, actions, noise, tau, dim_mask=dim_mask, step_mask=step_mask).float()
-        return actions, {"fpo_noise": noise, "fpo_tau": tau, "loss_old": old, **store_masks(B, dim_mask, step_mask)}
+        return actions, {"fpo_noise": noise, "fpo_tau": tau, "loss_old": old}
 
     def ratio(self, policy: Any, pobs: Any, mb: Batch, dim_mask: torch.Tensor, step_mask: torch.Tensor):
         new = policy.cfm_losses(pobs, mb.data["actions"], mb.data["fpo_noise"], mb.data["fpo_tau"],

@@ -26,71 +26,73 @@ __all__ = ["GRPO"]
 _LIKELIHOODS = {"fpo": FPO, "flow_noise": FlowNoisePPO, "flow_sde": FlowSDEPPO}
 
 
-class GRPO:
-    """Wraps a likelihood (FPO / Flow-Noise / Flow-SDE) with GRPO's rollout and advantages."""
+class _GRPOMixin:
+    """GRPO's rollout and advantages on top of a likelihood's ``sample`` / ``ratio``."""
 
     name = "grpo"
-    on_policy = True
+    uses_critic = False
 
-    def __new__(cls, cfg: AlgoConfig, seed: int = 0) -> Any:
-        base = _LIKELIHOODS[cfg.grpo_likelihood]
+    def __init__(self, cfg: AlgoConfig, seed: int) -> None:
+        super().__init__(cfg, seed)
+        self.iteration_seed = seed * 7919
 
-        class _GRPO(base):  # type: ignore[valid-type, misc]
-            name = "grpo"
-            uses_critic = False
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "iteration_seed": self.iteration_seed}
 
-            def __init__(self, cfg: AlgoConfig, seed: int) -> None:
-                super().__init__(cfg, seed)
-                self.iteration_seed = seed * 7919
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.iteration_seed = int(sd.get("iteration_seed", self.iteration_seed))
 
-            def state_dict(self) -> dict[str, Any]:
-                return {**super().state_dict(), "iteration_seed": self.iteration_seed}
+    @torch.no_grad()
+    def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
+        G = self.cfg.group_size
+        if getattr(env, "group_size", 1) != G:
+            raise ValueError(f"GRPO needs an env built with group_size={G} (same scene per group), "
+                             f"got {getattr(env, 'group_size', 1)}")
+        self.iteration_seed += 1
+        obs = env.reset(seed=self.iteration_seed)
+        dev = next(policy.parameters()).device
+        dim_mask, step_mask = self.masks = masks_for(env, policy, dev)
+        T = math.ceil(env.max_episode_steps / env.chunk_steps)
+        B = env.num_envs
+        alive = torch.ones(B, dtype=torch.bool)
+        ret = torch.zeros(B)
+        success = torch.zeros(B, dtype=torch.bool)
+        obs_list, stores, keep = [], [], []
+        for _ in range(T):
+            cache = policy.encode_prefix(to_policy_obs(obs.to(dev), policy))
+            actions, store = self.sample(policy, cache, dim_mask, step_mask)
+            step = env.step(actions)
+            obs_list.append(obs)
+            stores.append({"actions": actions, **store})
+            keep.append(alive.clone())
+            r, d = step.reward.cpu(), step.done.cpu()
+            ret += torch.where(alive, r, torch.zeros_like(r))
+            success |= alive & step.success.cpu()
+            alive &= ~d
+            obs = step.obs
+            if not alive.any():
+                break
+        adv_env = L.grpo_advantages(ret, G)
+        n_t = len(stores)
+        data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}
+        data["adv"] = adv_env.repeat(n_t).to(dev)
+        mask = torch.cat(keep)
+        batch = Batch(cat_obs(obs_list), data, {
+            "episodes": float(B), "success_rate": float(success.float().mean()),
+            "return": float(ret.mean()), "env_steps": float(B * n_t * env.chunk_steps),
+        })
+        out = batch.select(mask.nonzero()[:, 0])
+        out.stats = batch.stats
+        return out, env.reset(seed=self.iteration_seed + 10**6)
 
-            def load_state_dict(self, sd: dict[str, Any]) -> None:
-                super().load_state_dict(sd)
-                self.iteration_seed = int(sd.get("iteration_seed", self.iteration_seed))
 
-            @torch.no_grad()
-            def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
-                G = self.cfg.group_size
-                if getattr(env, "group_size", 1) != G:
-                    raise ValueError(f"GRPO needs an env built with group_size={G} (same scene per group), "
-                                     f"got {getattr(env, 'group_size', 1)}")
-                self.iteration_seed += 1
-                obs = env.reset(seed=self.iteration_seed)
-                dev = next(policy.parameters()).device
-                dim_mask, step_mask = masks_for(env, policy, dev)
-                T = math.ceil(env.max_episode_steps / env.chunk_steps)
-                B = env.num_envs
-                alive = torch.ones(B, dtype=torch.bool)
-                ret = torch.zeros(B)
-                success = torch.zeros(B, dtype=torch.bool)
-                obs_list, stores, keep = [], [], []
-                for _ in range(T):
-                    cache = policy.encode_prefix(to_policy_obs(obs.to(dev), policy))
-                    actions, store = self.sample(policy, cache, dim_mask, step_mask)
-                    step = env.step(actions)
-                    obs_list.append(obs)
-                    stores.append({"actions": actions, **store})
-                    keep.append(alive.clone())
-                    r, d = step.reward.cpu(), step.done.cpu()
-                    ret += torch.where(alive, r, torch.zeros_like(r))
-                    success |= alive & step.success.cpu()
-                    alive &= ~d
-                    obs = step.obs
-                    if not alive.any():
-                        break
-                adv_env = L.grpo_advantages(ret, G)
-                n_t = len(stores)
-                data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}
-                data["adv"] = adv_env.repeat(n_t).to(dev)
-                mask = torch.cat(keep)
-                batch = Batch(cat_obs(obs_list), data, {
-                    "episodes": float(B), "success_rate": float(success.float().mean()),
-                    "return": float(ret.mean()), "env_steps": float(B * n_t * env.chunk_steps),
-                })
-                out = batch.select(mask.nonzero()[:, 0])
-                out.stats = batch.stats
-                return out, env.reset(seed=self.iteration_seed + 10**6)
+_CLASSES = {
+    key: type(f"GRPO_{key}", (_GRPOMixin, base), {"__doc__": f"GRPO with the {key} likelihood."})
+    for key, base in _LIKELIHOODS.items()
+}
 
-        return _GRPO(cfg, seed)
+
+def GRPO(cfg: AlgoConfig, seed: int = 0) -> Any:
+    """GRPO with the likelihood ``cfg.grpo_likelihood`` (FPO / Flow-Noise / Flow-SDE)."""
+    return _CLASSES[cfg.grpo_likelihood](cfg, seed)

@@ -27,6 +27,10 @@ class OnPolicy(Algorithm):
 
     uses_critic = True
 
+    def __init__(self, cfg: Any, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        self.masks: tuple[torch.Tensor, torch.Tensor] | None = None  # the env's (dim_mask, step_mask)
+
     @abc.abstractmethod
     def sample(self, policy: Any, pobs: Any, dim_mask: torch.Tensor, step_mask: torch.Tensor
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -41,7 +45,7 @@ class OnPolicy(Algorithm):
     @torch.no_grad()
     def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
         dev = next(policy.parameters()).device
-        dim_mask, step_mask = masks_for(env, policy, dev)
+        dim_mask, step_mask = self.masks = masks_for(env, policy, dev)  # reused by loss()
         T = self.cfg.rollout_chunks
         obs_list, stores, values, rewards, dones = [], [], [], [], []
         ep_returns, ep_success = [], []
@@ -82,12 +86,9 @@ class OnPolicy(Algorithm):
     # ------------------------------------------------------------------ update
     def loss(self, policy: Any, mb: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         dev = next(policy.parameters()).device
-        cfg = policy.config
-        dim_mask = mb.data["dim_mask"][0] if "dim_mask" in mb.data else None
-        step_mask = mb.data["step_mask"][0] if "step_mask" in mb.data else None
-        if dim_mask is None or step_mask is None:
-            dim_mask = torch.ones(cfg.action_dim, dtype=torch.bool, device=dev)
-            step_mask = torch.ones(cfg.action_horizon, dtype=torch.bool, device=dev)
+        if self.masks is None:
+            raise RuntimeError(f"{type(self).__name__}.loss: call rollout() first (it sets the env's action masks)")
+        dim_mask, step_mask = self.masks
         pobs = policy.encode_prefix(to_policy_obs(mb.obs.to(dev), policy))  # shared by ratio and critic
         adv = L.normalize(mb.data["adv"])
         ratio, stats = self.ratio(policy, pobs, mb, dim_mask, step_mask)
@@ -122,7 +123,3 @@ class OnPolicy(Algorithm):
     def clip(self) -> float:
         return self.cfg.clip
 
-
-def store_masks(n: int, dim_mask: torch.Tensor, step_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The masks, repeated per sample so that minibatches carry them."""
-    return {"dim_mask": dim_mask[None].expand(n, -1).clone(), "step_mask": step_mask[None].expand(n, -1).clone()}
