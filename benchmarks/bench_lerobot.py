@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import lerobot_reference as ref  # noqa: E402
+from bench_ops import _commit, _device_name  # noqa: E402
 
 from flowkernels.integrations.lerobot import apply_flowkernels, revert_flowkernels  # noqa: E402
 
@@ -67,25 +66,6 @@ PROVIDERS: dict[str, dict | None] = {
     "flowkernels": {},
     "reuse_only": {"attention": False, "denoise": False},
 }
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def _device_name(dev: str) -> str:
-    if dev == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def build(size: str, variant: str, dev: str):
