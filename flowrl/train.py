@@ -180,6 +180,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
 
+    if cuda:  # flowkernels' value checks read tensors back to the host: none inside the rollout loop on a GPU
+        import flowkernels
+
+        flowkernels.set_value_checks(False)
     env = build_env(cfg, rank, dev)
     policy = build_policy(cfg, env).to(dev)
     main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank)
