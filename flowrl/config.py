@@ -46,6 +46,8 @@ class EnvConfig:
     fast_render: bool = False  # libero: no shadows, reflections, multisampling
     settle_steps: int = 10  # libero: no-op steps after reset
     flip: str = "vertical"  # libero: "vertical" (upright) or "rotate180" (openpi / lerobot preprocessing)
+    # groups of envs whose stepping overlaps the policy's inference for the other groups (1: no pipelining)
+    pipeline_groups: int = 1
 
 
 @dataclass
@@ -55,6 +57,8 @@ class ModelConfig:
     init_from: str = ""  # a flowrl / lerobot checkpoint directory, or an SFT run's checkpoint
     freeze: str = "expert_only"  # expert_only | expert_and_vlm | none
     num_value_heads: int = 2
+    # recompute layer activations in the backward pass: none | vlm (SigLIP + Gemma VLM) | expert | all
+    activation_checkpointing: str = "none"
     overrides: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields
 
 
@@ -224,6 +228,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if a.name == "grpo" and cfg.env.num_envs % a.group_size != 0:
         raise ConfigError(f"env.num_envs={cfg.env.num_envs} must be divisible by algo.group_size={a.group_size} "
                           "(GRPO groups rollouts from one initial state)")
+    pg = cfg.env.pipeline_groups
+    if pg < 1 or cfg.env.num_envs % pg != 0:
+        raise ConfigError(f"env.pipeline_groups={pg} must be >= 1 and divide env.num_envs={cfg.env.num_envs}")
+    if a.name == "grpo" and (cfg.env.num_envs // pg) % a.group_size != 0:
+        raise ConfigError(f"env.num_envs / env.pipeline_groups = {cfg.env.num_envs // pg} must be divisible by "
+                          f"algo.group_size={a.group_size} (a GRPO group must not straddle two pipeline groups)")
     if a.fpo_ratio not in ("mean", "per_sample"):
         raise ConfigError(f"algo.fpo_ratio must be mean or per_sample, got {a.fpo_ratio!r}")
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):
@@ -231,6 +241,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if a.name == "vla_fpo" and cfg.sft_iterations:
         raise ConfigError("sft_iterations > 0 does not combine with vla_fpo (π0 stays frozen): run SFT first and "
                           "pass its checkpoint as model.init_from")
+    if cfg.model.activation_checkpointing not in ("none", "vlm", "expert", "all"):
+        raise ConfigError(f"model.activation_checkpointing must be none, vlm, expert or all, got "
+                          f"{cfg.model.activation_checkpointing!r}")
     if cfg.model.freeze not in ("expert_only", "expert_and_vlm", "none"):
         raise ConfigError(f"model.freeze must be expert_only, expert_and_vlm or none, got {cfg.model.freeze!r}")
     if cfg.env.name == "libero" and cfg.model.config in ("pi0", "pi05") and not cfg.model.init_from:

@@ -1,12 +1,21 @@
 """Success rate of a policy over N episodes, with a Wilson 95% confidence interval.
 
     python -m flowrl.eval --checkpoint runs/default/checkpoints/iter_000020 --episodes 200
+    python -m flowrl.eval --checkpoint runs/libero/checkpoints/iter_000100 [--suite libero_spatial] \\
+        [--task-ids 0,1] [--init-states 50] [--videos 3 --video-dir videos] [--json result.json]
+
+The env is rebuilt from the run's ``train_config.json`` (beside the checkpoint or one level up).
+On LIBERO (the run's ``env.name == libero``, or ``--suite``) every (task, init state) pair runs
+once (:func:`flowrl.eval_libero.evaluate_libero`) and a per-task table is printed. A VLA-FPO
+checkpoint (``latent_actor.safetensors`` + ``algo.name == vla_fpo``) is evaluated through its
+latent actor: the frozen π0 decodes the actor's latents, as in training.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Any
 
 import torch
@@ -14,7 +23,7 @@ import torch
 from flowrl.algos.base import to_policy_obs
 from flowrl.envs.base import VecEnv
 
-__all__ = ["evaluate", "wilson_interval"]
+__all__ = ["evaluate", "load_vla_fpo_noise", "main", "wilson_interval"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -77,42 +86,158 @@ def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_ste
             "return": sum(rets) / len(rets)}
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def _parse_ids(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def load_vla_fpo_noise(ckpt: Any, policy: Any, cfg: Any, env: Any = None) -> Any:
+    """The VLA-FPO latent actor of a trainer checkpoint, as an ``eval_noise`` callable.
+
+    Rebuilds the algorithm from the run's config (``flowrl.train.build_algorithm``), builds its
+    trainable module (latent actor + Q-ensemble, π0 frozen) on the policy's device and loads
+    ``ckpt/latent_actor.safetensors`` into it (strictly).
+
+    Args:
+        ckpt: the checkpoint directory (``iter_N/``).
+        policy: the checkpoint's π0 (already on the evaluation device).
+        cfg: the run's :class:`~flowrl.config.TrainConfig` (``algo`` as saved).
+        env: passed to ``trainable_module`` (which reads only the policy's config).
+
+    Returns:
+        ``algo.eval_noise``: ``(policy, obs, generator) → (B, H, D)``.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from flowrl.train import build_algorithm
+
+    path = Path(ckpt) / "latent_actor.safetensors"
+    algo = build_algorithm(cfg)
+    module = algo.trainable_module(policy, env)  # type: ignore[attr-defined]
+    try:
+        module.load_state_dict(load_file(str(path), device=str(next(policy.parameters()).device)))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: does not match the VLA-FPO modules built from the run's train_config.json "
+                         f"(algo.vla_ensemble, the policy's sizes): {e}") from e
+    module.eval()
+    return algo.eval_noise  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The eval CLI (see the module docstring); returns the result dict (also written by ``--json``)."""
     import json
     from pathlib import Path
 
-    from flowrl.config import TrainConfig, apply_overrides
+    from flowrl.config import AlgoConfig, TrainConfig, apply_overrides
     from flowrl.models import from_pretrained
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a trainer checkpoint directory (iter_N/) or a policy directory (safetensors + config)")
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--num-envs", type=int, default=32)
+    p.add_argument("--episodes", type=int, default=100, help="reaching task: episodes")
+    p.add_argument("--num-envs", type=int, default=None, help="parallel envs (default: 32 reach, 8 LIBERO)")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--num-steps", type=int, default=None, help="denoising steps K (default: the run's)")
+    p.add_argument("--device", default=None, help="policy device (default: cuda if available, else cpu)")
+    p.add_argument("--json", default=None, help="write the result dict to this file")
+    g = p.add_argument_group("LIBERO (when the run's env is libero, or --suite is given)")
+    g.add_argument("--suite", default=None, help="libero_spatial | libero_object | libero_goal | libero_10 | "
+                   "libero_90 (default: the run's)")
+    g.add_argument("--task-ids", default=None, help="comma-separated task ids (default: all tasks of the suite)")
+    g.add_argument("--init-states", type=int, default=50, help="the first N fixed init states of each task (<= 50)")
+    g.add_argument("--videos", type=int, default=0, help="mp4s of the first N episodes (needs --video-dir)")
+    g.add_argument("--video-dir", default=None)
+    g.add_argument("--no-wrist", action="store_true", help="videos: agent view only")
+    g.add_argument("--max-episode-steps", type=int, default=None, help="default: the suite's standard limit")
+    g.add_argument("--fast-render", action=argparse.BooleanOptionalAction, default=None,
+                   help="no shadows / reflections / multisampling (default: the run's setting)")
+    g.add_argument("--flip", choices=("vertical", "rotate180"), default=None, help="default: the run's")
     args = p.parse_args(argv)
     ck = Path(args.checkpoint)
     if not ck.is_dir():
         raise SystemExit(f"flowrl.eval: checkpoint directory {ck} does not exist")
     run_cfg = next((d / "train_config.json" for d in (ck, ck.parent) if (d / "train_config.json").is_file()), None)
-    policy = from_pretrained(str(ck / "policy" if (ck / "policy").is_dir() else ck)).eval()
+    saved = json.loads(run_cfg.read_text()) if run_cfg is not None else None
     cfg = TrainConfig()
-    if run_cfg is not None:  # the env the policy was trained on
-        saved = json.loads(run_cfg.read_text())
-        apply_overrides(cfg, {"env": saved["env"], "algo": {"num_steps": saved["algo"]["num_steps"]}})
-    cfg.env.num_envs = args.num_envs
-    from flowrl.train import build_env
+    if saved is not None:  # the env the policy was trained on, and its algorithm's settings
+        known = {f for f in AlgoConfig.__dataclass_fields__}
+        apply_overrides(cfg, {"env": saved["env"], "algo": {k: v for k, v in saved["algo"].items() if k in known}})
+    libero = args.suite is not None or cfg.env.name == "libero"
+    if libero:  # bad arguments fail before anything is loaded
+        from flowrl.eval_libero import check_libero_args
 
-    env = build_env(cfg)
-    try:
-        r = evaluate(policy, env, args.episodes, args.seed, args.num_steps or cfg.algo.num_steps)
-    finally:
-        env.close()
-    print(f"success {r['success_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) over "
-          f"{int(r['episodes'])} episodes; mean return {r['return']:.3f}")
+        task_ids, _ = check_libero_args(args.suite or cfg.env.suite, _parse_ids(args.task_ids, "task_ids"),
+                                        args.init_states)
+    # VLA-FPO: π0 is frozen; the trained latent actor supplies its initial noise
+    latent = ck / "latent_actor.safetensors"
+    vla = latent.is_file() or (saved is not None and saved["algo"]["name"] == "vla_fpo")
+    if vla:
+        if saved is None:
+            raise ValueError(f"{latent} exists but no train_config.json was found beside it: cannot rebuild the "
+                             "VLA-FPO latent actor (and evaluating the bare π0 would be wrong)")
+        if saved["algo"]["name"] != "vla_fpo":
+            raise ValueError(f"{latent} exists but the run's algo.name is {saved['algo']['name']!r}, not vla_fpo")
+        if not latent.is_file():
+            raise ValueError(f"{ck} is a VLA-FPO checkpoint without latent_actor.safetensors (saved with "
+                             "zero_stage=3?): evaluating its frozen π0 alone would not evaluate the trained policy")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = from_pretrained(str(ck / "policy" if (ck / "policy").is_dir() else ck)).to(device).eval()
+    num_steps = args.num_steps or cfg.algo.num_steps
+    noise_fn, noise_name = None, "N(0, I)"
+    r: dict[str, Any]
+    if libero:
+        from flowrl.eval_libero import evaluate_libero, format_libero_result
+
+        e = cfg.env
+        from_run = saved is not None and e.name == "libero"
+        default_mes = TrainConfig().env.max_episode_steps
+        mes = args.max_episode_steps or (e.max_episode_steps if from_run and e.max_episode_steps != default_mes
+                                         else None)
+        if vla:
+            noise_fn, noise_name = load_vla_fpo_noise(ck, policy, cfg), "vla_fpo latent actor"
+        r = evaluate_libero(
+            policy, args.suite or e.suite, task_ids, args.init_states, num_envs=args.num_envs or 8,
+            num_steps=num_steps, seed=args.seed, noise_fn=noise_fn, video_dir=args.video_dir,
+            num_videos=args.videos, video_wrist=not args.no_wrist, image_size=policy.config.image_size,
+            fast_render=args.fast_render if args.fast_render is not None else (from_run and e.fast_render),
+            flip=args.flip or (e.flip if from_run else "vertical"),
+            chunk_steps=e.chunk_steps if from_run else min(5, policy.config.action_horizon),
+            max_episode_steps=mes, settle_steps=e.settle_steps if from_run else 10, log=print)
+        r["config"]["noise"] = noise_name
+        r["noise"] = noise_name
+        print(format_libero_result(r))
+        print(f"initial noise: {noise_name}; checkpoint {ck}")
+    else:
+        cfg.env.num_envs = args.num_envs or 32
+        if hasattr(cfg.env, "pipeline_groups"):  # evaluate() steps one env: no pipelining
+            cfg.env.pipeline_groups = 1
+        from flowrl.train import build_env
+
+        env = build_env(cfg)
+        try:
+            if vla:
+                noise_fn, noise_name = load_vla_fpo_noise(ck, policy, cfg, env), "vla_fpo latent actor"
+            r = dict(evaluate(policy, env, args.episodes, args.seed, num_steps, noise_fn))
+        finally:
+            env.close()
+        r["noise"] = noise_name
+        print(f"success {r['success_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) over "
+              f"{int(r['episodes'])} episodes; mean return {r['return']:.3f}; initial noise: {noise_name}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(r, indent=1))
     return r
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # bad arguments (ConfigError is one too)
+        print(f"flowrl.eval: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -56,23 +56,53 @@ def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0) ->
     return table[name](cfg.algo, seed)
 
 
-def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu") -> Any:
-    """This rank's vectorized env."""
+def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu",
+              pipeline_groups: int | None = None) -> Any:
+    """This rank's vectorized env: a :class:`~flowrl.envs.PipelinedEnv` of ``pipeline_groups``
+    (default ``env.pipeline_groups``) sub-envs when that is > 1, holding consecutive global env
+    indices (the same episodes as one env). Evaluation envs take 1: ``evaluate`` steps every env
+    at once, so groups would not overlap anything."""
     e = cfg.env
+    groups = e.pipeline_groups if pipeline_groups is None else pipeline_groups
+    if groups < 1 or e.num_envs % groups:
+        raise ConfigError(f"env.pipeline_groups={groups} must be >= 1 and divide env.num_envs={e.num_envs}")
+    part = e.num_envs // groups
     if e.name == "reach":
         from flowrl.envs import ReachEnv
 
-        env = ReachEnv(e.num_envs, num_targets=e.num_targets, image_size=e.image_size, chunk_steps=e.chunk_steps,
-                       max_episode_steps=e.max_episode_steps, state_with_targets=e.state_with_targets,
-                       state_with_goal=e.state_with_goal,
-                       group_size=cfg.algo.group_size if cfg.algo.name == "grpo" else 1, device=device)
-        env.set_expert_quality(e.expert_quality)
-        return env
-    if e.name == "libero":
+        def sub(g: int) -> Any:
+            env = ReachEnv(part, num_targets=e.num_targets, image_size=e.image_size, chunk_steps=e.chunk_steps,
+                           max_episode_steps=e.max_episode_steps, state_with_targets=e.state_with_targets,
+                           state_with_goal=e.state_with_goal,
+                           group_size=cfg.algo.group_size if cfg.algo.name == "grpo" else 1, env_offset=g * part,
+                           device=device)
+            env.set_expert_quality(e.expert_quality)
+            return env
+
+        threaded = False  # batched tensor ops on the policy's device: nothing to overlap on a thread
+    elif e.name == "libero":
         from flowrl.envs.libero import LiberoEnv  # type: ignore[import-not-found]
 
-        return LiberoEnv.from_config(e, rank=rank)
-    raise ConfigError(f"env.name: unknown environment {e.name!r}")
+        def sub(g: int) -> Any:
+            kw = {"num_envs": part, "env_offset": rank * e.num_envs + g * part} if groups > 1 else {}
+            return LiberoEnv.from_config(e, rank=rank, **kw)
+
+        threaded = True  # LiberoEnv.step is synchronous: step it on a thread while the policy acts
+    else:
+        raise ConfigError(f"env.name: unknown environment {e.name!r}")
+    if groups == 1:
+        return sub(0)
+    from flowrl.envs import PipelinedEnv
+
+    envs: list[Any] = []
+    try:
+        for g in range(groups):
+            envs.append(sub(g))
+        return PipelinedEnv(envs, threaded=threaded)
+    except BaseException:
+        for env in envs:
+            env.close()
+        raise
 
 
 def build_policy(cfg: TrainConfig, env: Any) -> Any:
@@ -84,11 +114,12 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
         src = Path(m.init_from)
         if (src / "policy").is_dir():  # a trainer checkpoint
             src = src / "policy"
-        policy = from_pretrained(str(src))
+        policy = from_pretrained(str(src)).set_activation_checkpointing(m.activation_checkpointing)
     else:
         over = {"variant": m.variant, "num_cameras": env.num_cameras, "image_size": env.image_size,
                 "value_heads": m.num_value_heads, "noise_std_min": cfg.algo.noise_min,
-                "noise_std_max": cfg.algo.noise_max, "num_steps": cfg.algo.num_steps, **m.overrides}
+                "noise_std_max": cfg.algo.noise_max, "num_steps": cfg.algo.num_steps,
+                "activation_checkpointing": m.activation_checkpointing, **m.overrides}
         if m.config in ("tiny", "small"):
             over.setdefault("vocab_size", max(env.vocab_size, 16))
             over.setdefault("max_token_len", env.max_token_len)
@@ -120,8 +151,14 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
 def _init_distributed() -> tuple[int, int]:
     import deepspeed
 
+    if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        import socket
+
+        with socket.socket() as s:  # one process, no launcher: any free port (runs side by side don't clash)
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", os.environ.get("MASTER_PORT", "29512"))):
+                 ("MASTER_PORT", "29512")):
         os.environ.setdefault(k, v)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -217,10 +254,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             writer = None
     from flowrl.eval import evaluate
 
+    def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
+        return build_env(cfg, rank, dev, pipeline_groups=1)
+
     result: dict[str, Any] = {}
     if cfg.eval_episodes and start_iter == 0:
         policy.eval()
-        result["eval_before"] = evaluate(policy, build_env(cfg, rank, dev), cfg.eval_episodes, cfg.seed + 77,
+        result["eval_before"] = evaluate(policy, eval_env(), cfg.eval_episodes, cfg.seed + 77,
                                          cfg.algo.num_steps, getattr(main_algo, "eval_noise", None))
         if rank == 0:
             log(f"[flowrl] success before: {result['eval_before']['success_rate']:.3f}")
@@ -228,7 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         algo = sft_algo if it < cfg.sft_iterations else main_algo
         if sft_algo is not None and it == cfg.sft_iterations and cfg.eval_episodes:
             policy.eval()
-            result["eval_after_sft"] = evaluate(policy, build_env(cfg, rank, dev), cfg.eval_episodes,
+            result["eval_after_sft"] = evaluate(policy, eval_env(), cfg.eval_episodes,
                                                 cfg.seed + 77, cfg.algo.num_steps)
             obs = env.reset(seed=cfg.seed * 1000 + rank + 1)
             if rank == 0:
@@ -284,7 +324,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             save_checkpoint(engine, policy, env, main_algo, sft_algo, cfg, it, history, rank)
     if cfg.eval_episodes:
         policy.eval()
-        result["eval_after"] = evaluate(policy, build_env(cfg, rank, dev), cfg.eval_episodes, cfg.seed + 77,
+        result["eval_after"] = evaluate(policy, eval_env(), cfg.eval_episodes, cfg.seed + 77,
                                         cfg.algo.num_steps, getattr(main_algo, "eval_noise", None))
         if rank == 0:
             before = result.get("eval_before", {}).get("success_rate", float("nan"))

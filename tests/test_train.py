@@ -108,6 +108,21 @@ def test_smoke_every_algorithm(tmp_path, algo):
         assert torch.equal(trained[k], loaded[k]), f"{algo}: {k} differs after the checkpoint round trip"
 
 
+@pytest.mark.parametrize("algo", ["fpo", "grpo"])
+def test_pipelined_rollout_trains_and_resumes(tmp_path, algo):
+    """env.pipeline_groups=2: the rollout interleaves two ReachEnvs; checkpoint and resume go through them."""
+    run_dir = tmp_path / "run"
+    common = [f"algo.name={algo}", "env.pipeline_groups=2", "checkpoint_every=1", "eval_episodes=0",
+              *ALGO_OVERRIDES[algo]]
+    res = _run(run_dir, *common, "iterations=1")
+    (h,) = res["history"]
+    assert h["samples"] >= 4 and all(torch.isfinite(torch.tensor(v)) for k, v in h.items() if k.endswith("loss"))
+    st = torch.load(latest_checkpoint(run_dir) / "trainer_rank0.pt", weights_only=False)
+    assert len(st["env"]["pipelined"]) == 2
+    res = _run(run_dir, *common, "iterations=2", resume=True)
+    assert len(res["history"]) == 2
+
+
 # ---------------------------------------------------------------------------------------- 2. learning signal
 def test_sft_learns_the_easy_variant(tmp_path):
     """SFT on perfect demos of the trivially easy variant (one target, its position and the goal in the state).

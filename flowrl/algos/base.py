@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from flowrl.config import AlgoConfig
-from flowrl.envs.base import EnvObs, VecEnv
+from flowrl.envs.base import EnvObs, VecEnv, cat_obs
 
-__all__ = ["Algorithm", "Batch", "cat_obs", "masks_for", "to_policy_obs"]
+__all__ = ["Algorithm", "Batch", "cat_obs", "masks_for", "to_device", "to_policy_obs"]
 
 
 def to_policy_obs(obs: EnvObs, policy: Any) -> Any:
@@ -63,16 +63,16 @@ def masks_for(env: VecEnv, policy: Any, device: torch.device) -> tuple[torch.Ten
     return dim_mask, step_mask
 
 
-def cat_obs(obs: list[EnvObs]) -> EnvObs:
-    """Concatenate a list of observation batches along the batch dim."""
-    return EnvObs(
-        torch.cat([o.images for o in obs]),
-        torch.cat([o.image_masks for o in obs]),
-        torch.cat([o.tokens for o in obs]),
-        torch.cat([o.token_masks for o in obs]),
-        torch.cat([o.state for o in obs]),
-        [s for o in obs for s in o.instructions],
-    )
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (noise drawn from a CPU generator) on ``device`` without a host-device sync.
+
+    A plain ``.to(cuda)`` of pageable memory blocks the host until the copy (hence all work
+    queued before it) is done; a copy from pinned memory is queued like a kernel. The pinned
+    buffer is kept alive by torch's caching host allocator until the copy has run.
+    """
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

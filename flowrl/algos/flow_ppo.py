@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flowrl.algos.base import Batch
+from flowrl.algos.base import Batch, to_device
 from flowrl.algos.onpolicy import OnPolicy
 
 __all__ = ["FlowNoisePPO", "FlowSDEPPO"]
@@ -31,7 +31,7 @@ class _ChainPPO(OnPolicy):
         cfg = policy.config
         B = pobs.batch_size
         dev = dim_mask.device
-        x0 = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=self.gen).to(dev)
+        x0 = to_device(torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=self.gen), dev)
         steps = self._steps(B, dev)
         res = policy.sample_actions(
             pobs, mode=self.mode, num_steps=self.cfg.num_steps, noise=x0, sde_steps=steps,
@@ -61,4 +61,4 @@ class FlowSDEPPO(_ChainPPO):
     mode = "sde"
 
     def _steps(self, B: int, dev: torch.device) -> torch.Tensor:
-        return torch.randint(self.cfg.num_steps, (B,), generator=self.gen).to(dev)
+        return to_device(torch.randint(self.cfg.num_steps, (B,), generator=self.gen), dev)

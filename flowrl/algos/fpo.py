@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import flowkernels
-from flowrl.algos.base import Batch
+from flowrl.algos.base import Batch, to_device
 from flowrl.algos.onpolicy import OnPolicy
 
 __all__ = ["FPO", "draw_pairs", "sample_tau"]
@@ -31,8 +31,8 @@ def sample_tau(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 def draw_pairs(B: int, N: int, H: int, D: int, gen: torch.Generator, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """N (ε, τ) pairs per chunk: ``noise (B, N, H, D)``, ``tau (B, N)``."""
-    noise = torch.randn(B, N, H, D, generator=gen).to(device)
-    return noise, sample_tau((B, N), gen).to(device)
+    noise = to_device(torch.randn(B, N, H, D, generator=gen), device)
+    return noise, to_device(sample_tau((B, N), gen), device)
 
 
 class FPO(OnPolicy):
@@ -50,7 +50,7 @@ class FPO(OnPolicy):
         cfg = policy.config
         B = pobs.batch_size
         dev = dim_mask.device
-        x0 = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=self.gen).to(dev)
+        x0 = to_device(torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=self.gen), dev)
         res = policy.sample_actions(pobs, mode="ode", num_steps=self.cfg.num_steps, noise=x0, return_chain=False)
         actions = res.actions.float()
         noise, tau = draw_pairs(B, self.cfg.fpo_pairs, cfg.action_horizon, cfg.action_dim, self.gen, dev)

@@ -45,6 +45,11 @@ class _GRPOMixin:
 
     @torch.no_grad()
     def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
+        """One episode of every env from a fresh reset (``group_size`` envs per scene).
+
+        Per chunk, the only host read is whether any env is still in its first episode (from
+        the env's done flags, on the env's device: the host for LIBERO), to stop early.
+        """
         G = self.cfg.group_size
         if getattr(env, "group_size", 1) != G:
             raise ValueError(f"GRPO needs an env built with group_size={G} (same scene per group), "
@@ -53,31 +58,31 @@ class _GRPOMixin:
         obs = env.reset(seed=self.iteration_seed)
         dev = next(policy.parameters()).device
         dim_mask, step_mask = self.masks = masks_for(env, policy, dev)
+
+        def act(o: EnvObs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            cache = policy.encode_prefix(to_policy_obs(o.to(dev), policy))
+            return self.sample(policy, cache, dim_mask, step_mask)
+
         T = math.ceil(env.max_episode_steps / env.chunk_steps)
         B = env.num_envs
-        alive = torch.ones(B, dtype=torch.bool)
-        ret = torch.zeros(B)
-        success = torch.zeros(B, dtype=torch.bool)
+        alive = torch.ones(B, dtype=torch.bool, device=env.device)
+        ret = torch.zeros(B, device=env.device)
+        success = torch.zeros(B, dtype=torch.bool, device=env.device)
         obs_list, stores, keep = [], [], []
-        for _ in range(T):
-            cache = policy.encode_prefix(to_policy_obs(obs.to(dev), policy))
-            actions, store = self.sample(policy, cache, dim_mask, step_mask)
-            step = env.step(actions)
-            obs_list.append(obs)
+        for o, (actions, store), step in env.step_chunks(act, obs, T):
+            obs_list.append(o)
             stores.append({"actions": actions, **store})
             keep.append(alive.clone())
-            r, d = step.reward.cpu(), step.done.cpu()
-            ret += torch.where(alive, r, torch.zeros_like(r))
-            success |= alive & step.success.cpu()
-            alive &= ~d
-            obs = step.obs
+            ret += torch.where(alive, step.reward.float(), 0.0)
+            success |= alive & step.success
+            alive &= ~step.done
             if not alive.any():
-                break
-        adv_env = L.grpo_advantages(ret, G)
+                break  # every env's first episode is over (a PipelinedEnv drops the steps in flight)
+        adv_env = L.grpo_advantages(ret.cpu(), G)
         n_t = len(stores)
         data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}
         data["adv"] = adv_env.repeat(n_t).to(dev)
-        mask = torch.cat(keep)
+        mask = torch.cat(keep).cpu()
         batch = Batch(cat_obs(obs_list), data, {
             "episodes": float(B), "success_rate": float(success.float().mean()),
             "return": float(ret.mean()), "env_steps": float(B * n_t * env.chunk_steps),

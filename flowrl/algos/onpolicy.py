@@ -17,9 +17,18 @@ import torch
 
 from flowrl.algos import losses as L
 from flowrl.algos.base import Algorithm, Batch, cat_obs, masks_for, to_policy_obs
-from flowrl.envs.base import EnvObs, VecEnv
+from flowrl.envs.base import ChunkStep, EnvObs, VecEnv
 
-__all__ = ["OnPolicy"]
+__all__ = ["OnPolicy", "episode_stats"]
+
+
+def episode_stats(steps: list[ChunkStep]) -> dict[str, float]:
+    """Episodes that ended in ``steps``: their count, success rate and mean return (one host read)."""
+    done = torch.stack([s.done for s in steps])
+    succ = (torch.stack([s.success for s in steps]) & done).sum()
+    ret = torch.where(done, torch.stack([s.episode_return for s in steps]).float(), 0.0).sum()
+    n, k, r = torch.stack([done.sum().float(), succ.float(), ret]).tolist()
+    return {"episodes": n, "success_rate": k / n if n else float("nan"), "return": r / n if n else float("nan")}
 
 
 class OnPolicy(Algorithm):
@@ -44,39 +53,41 @@ class OnPolicy(Algorithm):
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
+        """``rollout_chunks`` chunks of every env → a Batch of ``rollout_chunks · num_envs`` samples.
+
+        The per-chunk work (prefix pass, sampling, critic) is ``act``; ``env.step_chunks`` runs it
+        and the env steps, group by group on a :class:`~flowrl.envs.PipelinedEnv`. No host-device
+        sync here: the env's outputs stay where the env made them until the loop is over.
+        """
         dev = next(policy.parameters()).device
         dim_mask, step_mask = self.masks = masks_for(env, policy, dev)  # reused by loss()
-        T = self.cfg.rollout_chunks
-        obs_list, stores, values, rewards, dones = [], [], [], [], []
-        ep_returns, ep_success = [], []
-        for _ in range(T):
-            cache = policy.encode_prefix(to_policy_obs(obs.to(dev), policy))  # one prefix pass per chunk
+
+        def act(o: EnvObs) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+            cache = policy.encode_prefix(to_policy_obs(o.to(dev), policy))  # one prefix pass per chunk
             actions, store = self.sample(policy, cache, dim_mask, step_mask)
-            v = policy.value(cache).amin(dim=1) if self.uses_critic else torch.zeros(actions.shape[0], device=dev)
-            step = env.step(actions)
-            obs_list.append(obs)
+            v = (policy.value(cache).amin(dim=1).float() if self.uses_critic
+                 else torch.zeros(actions.shape[0], device=dev))
+            return actions, store, v
+
+        T = self.cfg.rollout_chunks
+        obs_list, stores, values, steps = [], [], [], []
+        for o, (actions, store, v), step in env.step_chunks(act, obs, T):
+            obs_list.append(o)
             stores.append({"actions": actions, **store})
-            values.append(v.float())
-            rewards.append(step.reward.to(dev))
-            dones.append(step.done.to(dev))
-            ep_returns.append(step.episode_return[step.done].cpu())
-            ep_success.append(step.success[step.done].cpu())
-            obs = step.obs
+            values.append(v)
+            steps.append(step)
+        obs = steps[-1].obs
         pobs = to_policy_obs(obs.to(dev), policy)
         last_v = policy.value(pobs).amin(dim=1).float() if self.uses_critic else torch.zeros_like(values[0])
-        R, V, D = torch.stack(rewards), torch.stack(values), torch.stack(dones)
+        R, D = (torch.stack([getattr(s, k) for s in steps]).to(dev) for k in ("reward", "done"))  # (T, B)
+        V = torch.stack(values)
         adv, ret = self.advantages(R, V, D, last_v)
+        # flatten time-major (T, B) -> T·B in the same order as cat_obs
         data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}
         data.update(adv=adv.reshape(-1), ret=ret.reshape(-1), old_value=V.reshape(-1))
-        # flatten time-major (T, B) -> T·B in the same order as cat_obs
-        ended = torch.cat(ep_success)
-        stats = {
-            "episodes": float(ended.numel()),
-            "success_rate": float(ended.float().mean()) if ended.numel() else float("nan"),
-            "return": float(torch.cat(ep_returns).mean()) if ended.numel() else float("nan"),
-            "explained_variance": L.explained_variance(V.reshape(-1), ret.reshape(-1)),
-            "env_steps": float(env.num_envs * T * env.chunk_steps),
-        }
+        stats = episode_stats(steps)
+        stats.update(explained_variance=L.explained_variance(V.reshape(-1), ret.reshape(-1)),
+                     env_steps=float(env.num_envs * T * env.chunk_steps))
         return Batch(cat_obs(obs_list), data, stats), obs
 
     def advantages(self, R: torch.Tensor, V: torch.Tensor, D: torch.Tensor, last_v: torch.Tensor

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from flowrl.algos import losses as L
-from flowrl.algos.base import Algorithm, Batch, cat_obs, masks_for, to_policy_obs
+from flowrl.algos.base import Algorithm, Batch, cat_obs, masks_for, to_device, to_policy_obs
 from flowrl.algos.fpo import sample_tau
+from flowrl.algos.onpolicy import episode_stats
 from flowrl.envs.base import EnvObs, VecEnv
 
 __all__ = ["VLAFPO", "LatentActor", "QEnsemble"]
@@ -69,7 +70,7 @@ class LatentActor(nn.Module):
                z0: torch.Tensor | None = None) -> torch.Tensor:
         """Multi-step latent generation from ``N(0, I)``: K Euler steps of size ``eta/K`` (t: 1 → 0)."""
         n = cond.shape[0]
-        x = z0 if z0 is not None else torch.randn(n, self.latent_dim, generator=gen).to(cond.device)
+        x = z0 if z0 is not None else to_device(torch.randn(n, self.latent_dim, generator=gen), cond.device)
         dt = eta / steps
         for k in range(steps):
             tau = torch.full((n,), 1.0 - k / steps, device=cond.device)
@@ -143,7 +144,7 @@ class VLAFPO(Algorithm):
         assert self.modules is not None
         x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, self.gen)
         if explore:
-            x = x + 0.1 * torch.randn(x.shape, generator=self.gen).to(x.device)
+            x = x + 0.1 * to_device(torch.randn(x.shape, generator=self.gen), x.device)
         return x
 
     def _value(self, cond: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,7 @@ class VLAFPO(Algorithm):
         c = policy.config
         dev = next(policy.parameters()).device
         _, cond = self._cond(policy, obs, dev)
-        z0 = torch.randn(cond.shape[0], self.dims[1], generator=gen).to(dev)
+        z0 = to_device(torch.randn(cond.shape[0], self.dims[1], generator=gen), dev)
         x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, z0=z0)
         return x.view(-1, c.action_horizon, c.action_dim)
 
@@ -173,50 +174,39 @@ class VLAFPO(Algorithm):
         c = policy.config
         masks_for(env, policy, dev)  # dimension checks
         T, N = self.cfg.rollout_chunks, self.cfg.fpo_pairs
-        obs_l, conds, lats, olds, noises, taus, rews, dones, vals, next_conds = [], [], [], [], [], [], [], [], [], []
-        ended_s, ended_r = [], []
-        cache, cond = self._cond(policy, obs, dev)
-        for _ in range(T):
+        assert self.modules is not None
+
+        def act(o: EnvObs) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+            cache, cond = self._cond(policy, o, dev)
             x = self._latent(cond, explore=True)  # (B, H·D)
             actions = policy.sample_actions(cache, mode="ode", num_steps=self.cfg.num_steps,
                                             noise=x.view(-1, c.action_horizon, c.action_dim),
                                             return_chain=False).actions.float()
             B = x.shape[0]
-            noise = torch.randn(B, N, x.shape[1], generator=self.gen).to(dev)
-            tau = sample_tau((B, N), self.gen).to(dev)
+            noise = to_device(torch.randn(B, N, x.shape[1], generator=self.gen), dev)
+            tau = to_device(sample_tau((B, N), self.gen), dev)
             old = self.modules.actor.cfm_losses(x, cond, noise, tau)
-            v = self._value(cond)
-            step = env.step(actions)
-            obs_l.append(obs)
-            conds.append(cond)
-            lats.append(x)
-            olds.append(old)
-            noises.append(noise)
-            taus.append(tau)
+            return actions, {"cond": cond, "latent": x, "loss_old": old, "noise": noise, "tau": tau}, self._value(cond)
+
+        obs_l, stores, vals, steps = [], [], [], []
+        for o, (_, store, v), step in env.step_chunks(act, obs, T):
+            obs_l.append(o)
+            stores.append(store)
             vals.append(v)
-            rews.append(step.reward.to(dev).float())
-            dones.append(step.done.to(dev))
-            ended_s.append(step.success[step.done].cpu())
-            ended_r.append(step.episode_return[step.done].cpu())
-            obs = step.obs
-            cache, cond = self._cond(policy, obs, dev)
-            next_conds.append(cond)
-        last_v = self._value(cond)
-        R, V, D = torch.stack(rews), torch.stack(vals), torch.stack(dones)
+            steps.append(step)
+        obs = steps[-1].obs
+        _, last_cond = self._cond(policy, obs, dev)
+        last_v = self._value(last_cond)
+        R = torch.stack([s.reward for s in steps]).to(dev).float()
+        D = torch.stack([s.done for s in steps]).to(dev)
+        V = torch.stack(vals)
         adv, ret = L.gae(R, V, D, last_v, self.cfg.gamma, self.cfg.lam)
-        data = {
-            "cond": torch.cat(conds), "latent": torch.cat(lats), "loss_old": torch.cat(olds),
-            "noise": torch.cat(noises), "tau": torch.cat(taus), "adv": adv.reshape(-1), "ret": ret.reshape(-1),
-            "reward": R.reshape(-1), "done": D.reshape(-1).float(), "next_cond": torch.cat(next_conds),
-        }
-        ended = torch.cat(ended_s)
-        stats = {
-            "episodes": float(ended.numel()),
-            "success_rate": float(ended.float().mean()) if ended.numel() else float("nan"),
-            "return": float(torch.cat(ended_r).mean()) if ended.numel() else float("nan"),
-            "explained_variance": L.explained_variance(V.reshape(-1), ret.reshape(-1)),
-            "env_steps": float(env.num_envs * T * env.chunk_steps),
-        }
+        data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}
+        data.update(adv=adv.reshape(-1), ret=ret.reshape(-1), reward=R.reshape(-1), done=D.reshape(-1).float(),
+                    next_cond=torch.cat([*(s["cond"] for s in stores[1:]), last_cond]))
+        stats = episode_stats(steps)
+        stats.update(explained_variance=L.explained_variance(V.reshape(-1), ret.reshape(-1)),
+                     env_steps=float(env.num_envs * T * env.chunk_steps))
         batch = Batch(cat_obs(obs_l), data, stats)
         self.window = [*self.window[-1:], batch]  # sliding window: this and the previous rollout
         return batch, obs

@@ -4,7 +4,7 @@ Runs in a process started with the ``spawn`` (or ``forkserver``) context. The GL
 (``MUJOCO_GL`` / ``PYOPENGL_PLATFORM``) is set from the spec *before* robosuite / mujoco are
 imported. Talks to the parent over a pipe with small tuples:
 
-- parent → worker: ``("reset", init_index, seed)``, ``("step", actions (n, 7) float32, settle)``,
+- parent → worker: ``("reset", init_index, seed, settle_steps)``, ``("step", actions (n, 7) float32)``,
   ``("ping",)``, ``("close",)``.
 - worker → parent: ``("ok", payload)`` or ``("error", traceback text)``. The first message after
   start is ``("ready", info)`` (or ``("error", ...)`` when the scene cannot be built).

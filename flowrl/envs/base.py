@@ -4,16 +4,23 @@ Every environment (the built-in task, LIBERO) runs ``num_envs`` episodes side by
 takes an action *chunk* per env and executes its first ``chunk_steps`` (H') actions, stopping
 early in an env that succeeds. Finished episodes are reset automatically; the observation
 returned is then the first observation of the new episode.
+
+Stepping can be split into ``step_async(actions)`` and ``step_wait()`` (the default runs the step
+synchronously in ``step_async``), and :meth:`VecEnv.step_chunks` runs the act → step loop of a
+rollout; :class:`flowrl.envs.pipeline.PipelinedEnv` overrides it to overlap one group of envs'
+stepping with the policy's inference for another group.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["ChunkStep", "EnvObs", "VecEnv"]
+__all__ = ["ActFn", "ChunkStep", "EnvObs", "VecEnv", "cat_obs", "cat_outputs"]
 
 
 @dataclass
@@ -51,6 +58,18 @@ class EnvObs:
                       self.token_masks.to(device), self.state.to(device), list(self.instructions))
 
 
+def cat_obs(obs: Sequence[EnvObs]) -> EnvObs:
+    """Concatenate observation batches along the batch dim (instructions in order)."""
+    return EnvObs(
+        torch.cat([o.images for o in obs]),
+        torch.cat([o.image_masks for o in obs]),
+        torch.cat([o.tokens for o in obs]),
+        torch.cat([o.token_masks for o in obs]),
+        torch.cat([o.state for o in obs]),
+        [s for o in obs for s in o.instructions],
+    )
+
+
 @dataclass
 class ChunkStep:
     """What one chunk step returns, per env (all tensors ``(B,)``).
@@ -73,6 +92,46 @@ class ChunkStep:
     executed: torch.Tensor
     episode_return: torch.Tensor
     episode_length: torch.Tensor
+
+    @staticmethod
+    def cat(steps: Sequence[ChunkStep]) -> ChunkStep:
+        """Concatenate the steps of consecutive groups of envs along the batch dim."""
+        if len(steps) == 1:
+            return steps[0]
+        return ChunkStep(cat_obs([s.obs for s in steps]), *(
+            torch.cat([getattr(s, name) for s in steps])
+            for name in ("reward", "done", "success", "truncated", "executed", "episode_return", "episode_length")))
+
+
+#: ``act_fn(obs) -> (actions (B, H, D), *more)``: what a rollout computes per chunk from the
+#: observations of ``B`` envs; the first element is the action chunk the envs execute, the
+#: others (tensors with a leading ``B`` dim, dicts of them, or None) are passed back to the caller.
+ActFn = Callable[[EnvObs], tuple[Any, ...]]
+
+
+def cat_outputs(parts: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """Concatenate the ``act_fn`` outputs of consecutive groups of envs along the batch dim.
+
+    Each element is a tensor (concatenated on dim 0), a dict of tensors (per key), an
+    :class:`EnvObs`, or None (stays None).
+    """
+    if len(parts) == 1:
+        return tuple(parts[0])
+
+    def cat(vals: list[Any]) -> Any:
+        v0 = vals[0]
+        if v0 is None:
+            return None
+        if isinstance(v0, torch.Tensor):
+            return torch.cat(vals)
+        if isinstance(v0, dict):
+            return {k: cat([v[k] for v in vals]) for k in v0}
+        if isinstance(v0, EnvObs):
+            return cat_obs(vals)
+        raise TypeError(f"cat_outputs: cannot concatenate act_fn outputs of type {type(v0).__name__} "
+                        "(expected tensors, dicts of tensors, EnvObs or None)")
+
+    return tuple(cat([p[i] for p in parts]) for i in range(len(parts[0])))
 
 
 class VecEnv(abc.ABC):
@@ -107,6 +166,47 @@ class VecEnv(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release workers and resources."""
+
+    # ------------------------------------------------------------------ split stepping
+    def step_async(self, actions: torch.Tensor) -> None:
+        """Start a step with ``actions`` (as :meth:`step`); collect it with :meth:`step_wait`.
+
+        The default steps synchronously here. An env whose step runs elsewhere (worker
+        processes) overrides both: ``step_async`` hands the actions over and returns at once.
+        """
+        if getattr(self, "_pending_step", None) is not None:
+            raise RuntimeError(f"{type(self).__name__}.step_async: the previous step_async was not collected "
+                               "with step_wait()")
+        self._pending_step: ChunkStep | None = self.step(actions)
+
+    def step_wait(self) -> ChunkStep:
+        """The result of the step started by :meth:`step_async`."""
+        step = getattr(self, "_pending_step", None)
+        if step is None:
+            raise RuntimeError(f"{type(self).__name__}.step_wait: no step in flight (call step_async first)")
+        self._pending_step = None
+        return step
+
+    def step_chunks(self, act_fn: ActFn, obs: EnvObs, num_chunks: int
+                    ) -> Iterator[tuple[EnvObs, tuple[Any, ...], ChunkStep]]:
+        """The act → step loop of a rollout: ``num_chunks`` times ``out = act_fn(obs)``, step ``out[0]``.
+
+        Yields ``(obs, out, step)`` per chunk: the observations the chunk was chosen from
+        (``B`` envs), ``act_fn``'s outputs for them and the env's :class:`ChunkStep`; the next
+        chunk starts from ``step.obs``. Here strictly in sequence; a
+        :class:`~flowrl.envs.pipeline.PipelinedEnv` interleaves groups of envs (same yields).
+        """
+        for _ in range(num_chunks):
+            out = act_fn(obs)
+            step = self.step(out[0])
+            yield obs, out, step
+            obs = step.obs
+
+    def step_with(self, act_fn: ActFn, obs: EnvObs) -> tuple[ChunkStep, tuple[Any, ...]]:
+        """One chunk of :meth:`step_chunks`: ``(step, act_fn outputs)``."""
+        for _, out, step in self.step_chunks(act_fn, obs, 1):
+            return step, out
+        raise AssertionError("unreachable")
 
     def check_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """Validate a chunk and cut it to ``(B, H', action_dim)`` float32 on the env's device."""

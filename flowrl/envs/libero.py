@@ -17,7 +17,9 @@ Conventions (those of openpi's and lerobot's LIBERO policies):
   stopping at success. Reward: 1 on the step that succeeds (sparse), else 0.
 - episodes: start from the task's fixed init states (by index), then ``settle_steps`` no-op
   actions ``[0, 0, 0, 0, 0, 0, -1]`` (not counted in the episode length), as the public
-  evaluations do; time limit per suite (:data:`MAX_EPISODE_STEPS`).
+  evaluations do; time limit per suite (:data:`MAX_EPISODE_STEPS`). The init state of an env's
+  next episode can be chosen (:meth:`LiberoEnv.set_next_init`, :meth:`LiberoEnv.reset_to`), as
+  :func:`flowrl.eval_libero.evaluate_libero` does to run every (task, init state) pair once.
 - language: the task's instruction, tokenized by a deterministic word-level (hashed) or
   byte-level tokenizer of flowrl, or by a ``tokenizer=`` callable: real π0 / π0.5 checkpoints
   need their PaliGemma tokenizer's ids, which the user supplies (flowrl downloads nothing).
@@ -55,6 +57,7 @@ from flowrl.envs.base import ChunkStep, EnvObs, VecEnv
 
 __all__ = [
     "MAX_EPISODE_STEPS",
+    "NUM_TASKS",
     "SUITES",
     "ByteTokenizer",
     "LiberoEnv",
@@ -73,6 +76,8 @@ MAX_EPISODE_STEPS = {
     "libero_90": 400,
 }
 SUITES = tuple(MAX_EPISODE_STEPS)
+#: Tasks per suite (each task has 50 fixed init states), for checks that need no LIBERO install.
+NUM_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 GL_PACKAGES = "libosmesa6 libegl1 libgl1 libglx-mesa0 libegl-mesa0"
 
 
@@ -328,7 +333,8 @@ class LiberoEnv(VecEnv):
             used when present (else ``L`` and ``vocab_size`` given here).
         vocab_size, max_token_len: for the built-in tokenizers / a callable without attributes.
         seed: base seed; env ``i`` of episode ``k`` uses init state
-            ``(seed + slot_i + k·slots) mod n_init`` of its task and MuJoCo seed from ``(seed, i, k)``.
+            ``(seed + slot_i + k·slots) mod n_init`` of its task and MuJoCo seed from ``(seed, i, k)``,
+            unless :meth:`set_next_init` pinned that episode's init state.
         env_offset: global index of env 0 (``rank · num_envs`` across ranks: spreads tasks and
             init states over ranks).
         group_size: consecutive envs sharing task and init state at each reset (GRPO groups).
@@ -385,7 +391,8 @@ class LiberoEnv(VecEnv):
         self.gl_backend = select_gl_backend(gl_backend)
         from libero.libero import benchmark
 
-        n_tasks = benchmark.get_benchmark_dict()[suite]().n_tasks
+        bench = benchmark.get_benchmark_dict()[suite]()
+        n_tasks = bench.n_tasks
         task_ids = list(range(n_tasks)) if task_ids is None else [int(t) for t in task_ids]
         if not task_ids or any(not 0 <= t < n_tasks for t in task_ids):
             raise ValueError(f"LiberoEnv: task_ids {task_ids} must be non-empty, in [0, {n_tasks}) for {suite}")
@@ -423,6 +430,8 @@ class LiberoEnv(VecEnv):
         # per env bookkeeping
         groups = [(self.env_offset + i) // group_size for i in range(num_envs)]
         self._task_of = [task_ids[g % len(task_ids)] for g in groups]
+        #: the LIBERO task name (bddl file stem) of each env's task
+        self.task_names = [str(bench.get_task(t).name) for t in self._task_of]
         self._slot = [g // len(task_ids) for g in groups]
         total_groups = -(-(self.env_offset + num_envs) // group_size)
         self._slots_per_task = max(1, -(-total_groups // len(task_ids)))
@@ -432,6 +441,12 @@ class LiberoEnv(VecEnv):
         self.restarts = np.zeros(num_envs, dtype=np.int64)  # total worker restarts per env
         S = image_size
         self._images = np.zeros((num_envs, 2, S, S, 3), dtype=np.uint8)
+        #: ``(B, 2, S, S, 3)`` uint8 upright camera images at the end of the episodes that ended in the
+        #: last :meth:`step` (rows of envs with ``done``; the returned ``obs`` is the next episode's)
+        self.final_images = np.zeros_like(self._images)
+        #: init-state index of each env's current episode
+        self.episode_init = np.zeros(num_envs, dtype=np.int64)
+        self._pinned: dict[int, tuple[int, int | None]] = {}  # env → (init index, MuJoCo seed) of its next episode
         self._state = np.zeros((num_envs, 8), dtype=np.float32)
         self._started = False
         self._closed = False
@@ -502,12 +517,82 @@ class LiberoEnv(VecEnv):
         return failed
 
     # ------------------------------------------------------------------ episodes
+    @property
+    def task_of_env(self) -> list[int]:
+        """The suite task index each env runs (fixed for the env's lifetime)."""
+        return list(self._task_of)
+
+    @property
+    def num_init_states(self) -> list[int]:
+        """Number of fixed init states of each env's task (50 in the standard suites)."""
+        return list(self._n_init)
+
     def _init_index(self, i: int) -> int:
+        if i in self._pinned:
+            return self._pinned[i][0]
         k = int(self.episode[i])
         return (self.seed + self._slot[i] + k * self._slots_per_task) % max(self._n_init[i], 1)
 
     def _episode_seed(self, i: int) -> int:
+        if i in self._pinned and self._pinned[i][1] is not None:
+            return int(self._pinned[i][1]) % (2**31)
         return (self.seed * 1_000_003 + (self.env_offset + i) * 65_537 + int(self.episode[i])) % (2**31)
+
+    def set_next_init(self, env_ids: Sequence[int], init_indices: Sequence[int],
+                      seeds: Sequence[int] | None = None) -> None:
+        """Pin the init state of the *next* episode of each env in ``env_ids``.
+
+        The pin is used once, by whichever starts that episode first: :meth:`reset`, or the automatic
+        reset after the env's current episode ends in :meth:`step` (also after a worker failure). It
+        replaces the seeded schedule for that one episode; later episodes follow the schedule again.
+        Setting a pin again before it is used replaces it.
+
+        Args:
+            env_ids: env indices in ``[0, num_envs)``.
+            init_indices: for each env, an index into its task's fixed init states ``[0, n_init)``.
+            seeds: MuJoCo seeds of those episodes (default: from ``(seed, env, episode)`` as usual).
+        """
+        ids = [int(i) for i in env_ids]
+        inits = [int(k) for k in init_indices]
+        sds = [None] * len(ids) if seeds is None else [int(s) for s in seeds]
+        if len(inits) != len(ids) or len(sds) != len(ids):
+            raise ValueError(f"LiberoEnv.set_next_init: {len(ids)} env ids, {len(inits)} init indices, "
+                             f"{len(sds)} seeds: need one each")
+        for i, k in zip(ids, inits):
+            if not 0 <= i < self.num_envs:
+                raise ValueError(f"LiberoEnv.set_next_init: env id {i} not in [0, {self.num_envs})")
+            n = self._n_init[i]
+            if not 0 <= k < n:
+                raise ValueError(f"LiberoEnv.set_next_init: init index {k} of env {i} (task {self._task_of[i]}) "
+                                 f"not in [0, {n})")
+        for i, k, sd in zip(ids, inits, sds):
+            self._pinned[i] = (k, sd)
+
+    def reset_to(self, init_indices: Sequence[int], env_ids: Sequence[int] | None = None,
+                 seeds: Sequence[int] | None = None) -> EnvObs:
+        """Start new episodes now from chosen init states (by index).
+
+        ``env_ids=None``: every env, like :meth:`reset` (episode counters restart at 0). Otherwise only
+        those envs start new episodes (their episode counters advance by one); the others keep
+        theirs and their rows of the returned observation are unchanged.
+
+        Returns:
+            The observation of all ``num_envs`` envs.
+        """
+        self._check_open()
+        ids = list(range(self.num_envs)) if env_ids is None else [int(i) for i in env_ids]
+        if env_ids is not None and not self._started:
+            raise RuntimeError("LiberoEnv.reset_to: start every env first (reset() or reset_to(inits))")
+        self.set_next_init(ids, init_indices, seeds)
+        if env_ids is None:
+            return self.reset()
+        try:
+            self.episode[ids] += 1
+            self._reset_envs(ids)
+        except KeyboardInterrupt:
+            self.close()
+            raise
+        return self.observe()
 
     def _reset_envs(self, idxs: list[int]) -> None:
         """Start new episodes in ``idxs``; failing workers are restarted (up to ``max_restarts`` tries)."""
@@ -530,6 +615,8 @@ class LiberoEnv(VecEnv):
                 self._state[i] = out["state"]
                 self.t[i] = 0
                 self.ret[i] = 0.0
+                self.episode_init[i] = self._init_index(i)
+                self._pinned.pop(i, None)
             if not failed:
                 return
             tries += 1
@@ -637,6 +724,7 @@ class LiberoEnv(VecEnv):
             self._restart(failed)
         ended = [int(i) for i in np.nonzero(done)[0]]
         if ended:
+            self.final_images[ended] = self._images[ended]
             self.episode[ended] += 1
             self._reset_envs(ended)
         dev = self.device

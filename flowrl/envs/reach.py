@@ -7,10 +7,13 @@ target. Actions are 2-D displacements in ``[-1, 1]`` scaled by ``max_speed`` per
 policy sees a rendered RGB top view (``image_size²``), the tokenized instruction and the agent's
 position (optionally also the targets' positions: the easy variant).
 
-Every env is seeded from ``(seed, env index, episode number)``, so a run is reproducible on
-any device and batch split. A scripted expert with a controllable quality produces
-demonstrations for SFT and offline RL: with probability ``1 − quality`` an episode's expert
-heads for a wrong target, and its actions carry Gaussian noise of scale ``noise·(1 − quality)``.
+Every env is seeded from ``(seed, global env index, episode number)`` (global index =
+``env_offset`` + index), so a run is reproducible on any device and batch split: envs
+``[k, k + n)`` of a ReachEnv equal a ReachEnv of ``n`` envs built with ``env_offset=k``.
+
+A scripted expert with a controllable quality produces demonstrations for SFT and offline RL:
+with probability ``1 − quality`` an episode's expert heads for a wrong target, and its actions
+carry Gaussian noise of scale ``noise·(1 − quality)``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class ReachEnv(VecEnv):
             policy still has to read the instruction to know which one is the goal.
         state_with_goal: also append the goal's one-hot (the trivially easy variant).
         group_size: consecutive envs that start each reset from the same scene (GRPO groups).
+        env_offset: global index of env 0 (a multiple of ``group_size``): this env runs the
+            episodes of envs ``[env_offset, env_offset + num_envs)`` of a larger one.
         device: where the batch lives.
     """
 
@@ -83,6 +88,7 @@ class ReachEnv(VecEnv):
         state_with_targets: bool = False,
         state_with_goal: bool = False,
         group_size: int = 1,
+        env_offset: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
         if num_envs < 1:
@@ -96,6 +102,9 @@ class ReachEnv(VecEnv):
                              f"{max_episode_steps}")
         if group_size < 1 or num_envs % group_size:
             raise ValueError(f"ReachEnv: group_size={group_size} must be >= 1 and divide num_envs={num_envs}")
+        if env_offset < 0 or env_offset % group_size:
+            raise ValueError(f"ReachEnv: env_offset={env_offset} must be >= 0 and a multiple of "
+                             f"group_size={group_size}")
         if success_radius <= 0 or max_speed <= 0:
             raise ValueError("ReachEnv: success_radius and max_speed must be > 0")
         self.num_envs = num_envs
@@ -107,6 +116,7 @@ class ReachEnv(VecEnv):
         self.max_speed = max_speed
         self.state_with_targets = state_with_targets
         self.group_size = group_size
+        self.env_offset = int(env_offset)
         self.device = torch.device(device)
         self.action_dim = 2
         self.state_with_goal = state_with_goal
@@ -142,7 +152,7 @@ class ReachEnv(VecEnv):
     def _init_episodes(self, ids: torch.Tensor) -> None:
         T = self.num_targets
         for i in ids.tolist():
-            scene = i // self.group_size
+            scene = (self.env_offset + i) // self.group_size
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + scene) * 65_537 + int(self.episode[i]))
             for _ in range(100):  # targets apart by at least 3 success radii
                 tg = torch.rand(T, 2, generator=g) * 1.6 - 0.8

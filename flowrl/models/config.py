@@ -12,9 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONFIGS", "PolicyConfig", "get_config"]
+__all__ = ["CHECKPOINTING", "CONFIGS", "PolicyConfig", "get_config"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+CHECKPOINTING = ("none", "vlm", "expert", "all")
 
 
 @dataclass
@@ -69,12 +70,20 @@ class PolicyConfig:
     # projector, norms and the action/time projections stay float32 (lerobot's rule). On CPU
     # the policy runs in float32 unless asked otherwise.
     dtype: str = "bfloat16"
+    # activation checkpointing in training (module in train mode, grad enabled): "vlm" recomputes each
+    # SigLIP layer and each layer of the prefix pass (Gemma VLM + π0 state token) in the backward pass
+    # instead of keeping its activations, "expert" each action-expert layer of the suffix pass, "all"
+    # both; "none" keeps everything. Same loss and gradients, less memory, one more forward's compute.
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
         if self.variant not in ("pi0", "pi05"):
             raise ValueError(f"PolicyConfig: variant must be 'pi0' or 'pi05', got {self.variant!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"PolicyConfig: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"PolicyConfig: activation_checkpointing must be one of {CHECKPOINTING}, got "
+                             f"{self.activation_checkpointing!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"PolicyConfig: image_size {self.image_size} must be a multiple of patch_size "
                              f"{self.patch_size}")

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import flowkernels as fk
+from flowkernels._checks import value_checks_enabled
 from flowrl.models.config import PolicyConfig, get_config
 from flowrl.models.gemma import GemmaLayer, GemmaStack, apply_rope, rope_cos_sin
 from flowrl.models.heads import NoiseHead, ValueEnsemble
@@ -218,9 +220,24 @@ class VisionTower(nn.Module):
         super().__init__()
         self.vision_model = getattr(siglip, "vision_model", siglip)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(n, 3, Hi, Wi)`` → last hidden state (after the post-layernorm) ``(n, T, W_vision)``."""
-        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+    def forward(self, pixel_values: torch.Tensor, checkpoint_layers: bool = False) -> torch.Tensor:
+        """``(n, 3, Hi, Wi)`` → last hidden state (after the post-layernorm) ``(n, T, W_vision)``.
+
+        ``checkpoint_layers``: run the encoder layer by layer under activation checkpointing
+        (the same ops as the model's own forward: embeddings → layers → post-layernorm).
+        """
+        vm = self.vision_model
+        parts = [getattr(vm, n, None) for n in ("embeddings", "encoder", "post_layernorm")]
+        if not checkpoint_layers or any(m is None for m in parts) or not hasattr(parts[1], "layers"):
+            if checkpoint_layers:  # an unknown SigLIP layout: checkpoint the tower as one unit
+                return checkpoint(self.forward, pixel_values, use_reentrant=False)
+            return vm(pixel_values=pixel_values).last_hidden_state
+        emb, enc, post = parts
+        h = emb(pixel_values)
+        for layer in enc.layers:
+            h = checkpoint(layer, h, None, use_reentrant=False)
+            h = h[0] if isinstance(h, tuple) else h
+        return post(h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +312,31 @@ class Pi0Policy(nn.Module):
     def _module_dtype(self, m: nn.Module) -> torch.dtype:
         return next(m.parameters()).dtype
 
+    # ---------------------------------------------------------------- activation checkpointing
+
+    def set_activation_checkpointing(self, mode: str) -> Pi0Policy:
+        """``"none" | "vlm" | "expert" | "all"`` (``config.activation_checkpointing``; see PolicyConfig)."""
+        self.config = self.config.replace(activation_checkpointing=mode)
+        return self
+
+    def _checkpointing(self, part: str) -> bool:
+        """Whether ``part`` (``"vlm"`` or ``"expert"``) runs its layers under activation checkpointing now."""
+        mode = self.config.activation_checkpointing
+        return mode in (part, "all") and self.training and torch.is_grad_enabled()
+
+    def _t_grid(self, K: int) -> torch.Tensor:
+        """``(K+1,)`` float32 times ``t_k`` on the policy's device, built once per (K, device): a fresh
+        host-to-device copy would block the host until the queued work is done (read-only: no clone)."""
+        key = (K, self.device)
+        cache = self.__dict__.setdefault("_t_grids", {})
+        if key not in cache:
+            cache[key] = torch.tensor(_time_grid(K), dtype=torch.float32, device=self.device)
+        return cache[key]
+
+    def _run_layer(self, part: str, fn, *args: Any) -> Any:
+        """``fn(*args)`` (one layer of ``part``), under activation checkpointing when enabled for ``part``."""
+        return checkpoint(fn, *args, use_reentrant=False) if self._checkpointing(part) else fn(*args)
+
     # ---------------------------------------------------------------- input validation
 
     def _check_obs(self, obs: Observation) -> Observation:
@@ -328,7 +370,7 @@ class Pi0Policy(nn.Module):
             raise TypeError(f"Pi0Policy: obs.tokens must be int64 token ids, got {tok.dtype}")
         if tok.shape[1] > c.max_token_len:
             raise ValueError(f"Pi0Policy: obs.tokens has {tok.shape[1]} tokens, above max_token_len={c.max_token_len}")
-        if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size):
+        if tok.numel() and value_checks_enabled(dev) and (int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size):
             raise ValueError(f"Pi0Policy: obs.tokens ids must lie in [0, vocab_size={c.vocab_size}), got "
                              f"[{int(tok.min())}, {int(tok.max())}]")
         if obs.token_masks.shape != tok.shape or obs.token_masks.dtype != torch.bool:
@@ -372,7 +414,7 @@ class Pi0Policy(nn.Module):
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """images ``(n, 3, Hi, Wi)`` → ``(n, T, W_vlm)`` float32 (SigLIP last hidden state → projector)."""
-        feats = self.vision_tower(images.float())
+        feats = self.vision_tower(images.float(), checkpoint_layers=self._checkpointing("vlm"))
         return self.projector(feats)
 
     def embed_language(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -421,8 +463,8 @@ class Pi0Policy(nn.Module):
         emb = torch.cat([img_emb.view(B, C * T, W).to(dt), self.embed_language(obs.tokens).to(dt)], dim=1)
         valid = torch.cat([img_valid.repeat_interleave(T, dim=1), obs.token_masks], dim=1)
         lens = valid.sum(1)
-        P = int(lens.max()) if B else 0
-        if B and int(lens.min()) == 0:
+        P, shortest = torch.stack([lens.max(), lens.min()]).tolist() if B else (0, 1)  # one host read: P sizes h
+        if shortest == 0:
             raise ValueError("Pi0Policy: an observation has no valid prefix token (all cameras and tokens masked)")
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :P]  # valid first, in order
         h = emb.gather(1, order[..., None].expand(B, P, W))
@@ -437,8 +479,11 @@ class Pi0Policy(nn.Module):
             hs = self.state_proj(obs.state.float())[:, None, :].to(dt)  # (B, 1, We)
             cos_s, sin_s = rope_cos_sin(lens[:, None], c.head_dim, c.rope_theta, dt)
             allowed_s = torch.cat([pmask, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)[:, None, :]
-        ks, vs = [], []
-        for li in range(c.depth):
+        else:
+            hs = None
+
+        def layer(li: int, h: torch.Tensor, hs: torch.Tensor | None):
+            """Prefix layer ``li``: ``(h, hs)`` → ``(h', hs', K, V)`` (K/V after RoPE, the state token's last)."""
             lv = self.vlm.layers[li]
             q, k, v, gate = self._qkv(lv, h, None, cos, sin)
             attn = _dense_attention(q, k, v, allowed, scale)
@@ -448,9 +493,13 @@ class Pi0Policy(nn.Module):
                 k, v = torch.cat([k, k_s], 1), torch.cat([v, v_s], 1)
                 attn_s = _dense_attention(qs, k, v, allowed_s, scale)
                 hs = self._post(le, hs, attn_s, gate_s, None)
+            return self._post(lv, h, attn, gate, None), hs, k, v
+
+        ks, vs = [], []
+        for li in range(c.depth):
+            h, hs, k, v = self._run_layer("vlm", layer, li, h, hs)
             ks.append(k)
             vs.append(v)
-            h = self._post(lv, h, attn, gate, None)
         out, _ = self.vlm.norm(h)
         w = pmask.float()[..., None]
         pooled = (out.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
@@ -540,11 +589,16 @@ class Pi0Policy(nn.Module):
         h = h.to(dt)
         cos, sin = rope
         scale = c.head_dim ** -0.5
-        for li, layer in enumerate(self.expert.layers):
-            q, k, v, gate = self._qkv(layer, h, mods[li][0], cos, sin)
+
+        def layer(li: int, h: torch.Tensor) -> torch.Tensor:
+            le = self.expert.layers[li]
+            q, k, v, gate = self._qkv(le, h, mods[li][0], cos, sin)
             attn = fk.prefix_attention(q, k, v, cache.keys[li], cache.values[li], prefix_mask=cache.prefix_mask,
                                        group_size=group_size, scale=scale)
-            h = self._post(layer, h, attn, gate, mods[li][1])
+            return self._post(le, h, attn, gate, mods[li][1])
+
+        for li in range(c.depth):
+            h = self._run_layer("expert", layer, li, h)
         out, _ = self.expert.norm(h, fmod)
         return out
 
@@ -619,7 +673,7 @@ class Pi0Policy(nn.Module):
                         torch.int64, torch.int32):
                     raise ValueError(f"Pi0Policy.sample_actions: sde_steps must be an int tensor of shape (B·N,) = "
                                      f"({BN},)")
-                if int(sde_steps.min()) < 0 or int(sde_steps.max()) >= K:
+                if value_checks_enabled(dev) and (int(sde_steps.min()) < 0 or int(sde_steps.max()) >= K):
                     raise ValueError(f"Pi0Policy.sample_actions: sde_steps must lie in [0, K={K})")
             seeds = None
             if mode != "ode" and step_noise is None:
@@ -636,7 +690,7 @@ class Pi0Policy(nn.Module):
         cache.batch_size * N
         grid = _time_grid(K)
         dt = 1.0 / K
-        t_grid = torch.tensor(grid, dtype=torch.float32, device=self.device)
+        t_grid = self._t_grid(K)
         tc = self.time_constants(t_grid[:K])
         rope = self.suffix_rope(cache, N)
         x = noise
@@ -802,8 +856,7 @@ class Pi0Policy(nn.Module):
                              f"{tuple(chain.shape) if isinstance(chain, torch.Tensor) else type(chain).__name__}")
         K = chain.shape[1] - 1
         self._check_actions("chain", chain, (BN, K + 1))
-        grid = _time_grid(K)
-        t_grid = torch.tensor(grid, dtype=torch.float32, device=self.device)
+        t_grid = self._t_grid(K)
         tc = self.time_constants(t_grid[:K])
         a = c.noise_level if noise_level is None else float(noise_level)
         if include_initial is None:
