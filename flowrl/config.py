@@ -41,6 +41,7 @@ class EnvConfig:
     state_with_targets: bool = True
     state_with_goal: bool = False
     expert_quality: float = 0.6  # demonstrations for SFT / ARFM
+    expert_speed: float = 1.0  # the expert's speed, a fraction of the env's maximum (a slow expert)
     suite: str = "libero_spatial"  # libero only
     task_ids: list[int] = field(default_factory=lambda: [0])
     fast_render: bool = False  # libero: no shadows, reflections, multisampling
@@ -79,6 +80,7 @@ class AlgoConfig:
     dual_clip: float = 3.0
     value_clip: float = 0.2
     max_grad_norm: float = 1.0
+    critic_side: str = "auto"  # auto (π0: expert, π0.5: vlm, as π_RL) | expert | vlm
     # FPO
     fpo_pairs: int = 8  # N (τ, ε) pairs per chunk
     fpo_ratio: str = "per_sample"  # mean | per_sample
@@ -236,6 +238,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                           f"algo.group_size={a.group_size} (a GRPO group must not straddle two pipeline groups)")
     if a.fpo_ratio not in ("mean", "per_sample"):
         raise ConfigError(f"algo.fpo_ratio must be mean or per_sample, got {a.fpo_ratio!r}")
+    if not 0.0 < cfg.env.expert_speed <= 1.0:
+        raise ConfigError(f"env.expert_speed must be in (0, 1], got {cfg.env.expert_speed}")
+    if a.critic_side not in ("auto", "expert", "vlm"):
+        raise ConfigError(f"algo.critic_side must be auto, expert or vlm, got {a.critic_side!r}")
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):
         raise ConfigError(f"algo.grpo_likelihood must be fpo, flow_noise or flow_sde, got {a.grpo_likelihood!r}")
     if a.name == "vla_fpo" and cfg.sft_iterations:

@@ -76,7 +76,7 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
                            state_with_goal=e.state_with_goal,
                            group_size=cfg.algo.group_size if cfg.algo.name == "grpo" else 1, env_offset=g * part,
                            device=device)
-            env.set_expert_quality(e.expert_quality)
+            env.set_expert_quality(e.expert_quality, e.expert_speed)
             return env
 
         threaded = False  # batched tensor ops on the policy's device: nothing to overlap on a thread

@@ -157,6 +157,76 @@ def test_libero_hung_worker_times_out_and_recovers(env):
     _check_obs(step.obs, 2)
 
 
+def test_libero_steps_natively_async_so_pipelines_use_no_threads():
+    """LiberoEnv overrides step_async / step_wait: a PipelinedEnv of them (threaded=True, as the trainer
+    builds it) steps them directly, with no thread pool. No scene: shells with the shared attributes."""
+    from flowrl.envs.base import VecEnv
+    from flowrl.envs.libero import LiberoEnv
+    from flowrl.envs.pipeline import PipelinedEnv, _native_async
+
+    def shell(offset):
+        e = object.__new__(LiberoEnv)
+        e._closed, e._in_flight = False, None
+        e.num_envs, e.action_dim, e.state_dim, e.num_cameras, e.image_size = 1, 7, 8, 2, S
+        e.chunk_steps, e.max_episode_steps, e.vocab_size, e.max_token_len = 2, 220, 4096, 32
+        e.device, e.group_size, e.env_offset = torch.device("cpu"), 1, offset
+        return e
+
+    envs = [shell(0), shell(1)]
+    assert LiberoEnv.step_async is not VecEnv.step_async and _native_async(envs[0])
+    pe = PipelinedEnv(envs, threaded=True)
+    assert pe._pool is None
+    with pytest.raises(RuntimeError, match="no step in flight"):
+        envs[0].step_wait()
+    for e in envs:
+        e._closed = True  # nothing to close
+
+
+@needs_libero
+def test_libero_step_async_wait_equals_step(env):
+    """step_async + step_wait runs the same episodes as step (2 workers, 4-step episodes, so every third chunk
+    starts from the automatic reset inside step_wait); misuse raises clear errors.
+
+    A reset's scene depends slightly on the simulator's state before it (up to ~4e-3 in the robot state
+    after the first reset of a fresh env), so both compared runs follow a warm-up run of the same chunks."""
+    gen = torch.Generator().manual_seed(0)
+    chunks = [(torch.rand(2, 2, 7, generator=gen) * 2 - 1) * 0.5 for _ in range(3)]
+    old, env.max_episode_steps = env.max_episode_steps, 4
+    try:
+        runs = []
+        for split in (False, False, True):  # warm-up, step, step_async + step_wait
+            obs = env.reset(seed=5)
+            steps = [obs]
+            for a in chunks:
+                if split:
+                    assert env.step_async(a) is None
+                    steps.append(env.step_wait())
+                else:
+                    steps.append(env.step(a))
+            runs.append(steps)
+        _, plain, split = runs
+        assert [s.done.tolist() for s in plain[1:]] == [[False, False], [True, True], [False, False]]
+        torch.testing.assert_close(plain[0].images, split[0].images, rtol=0, atol=0)
+        for p, q in zip(plain[1:], split[1:]):
+            for k in ("reward", "done", "success", "truncated", "executed", "episode_return", "episode_length"):
+                assert torch.equal(getattr(p, k), getattr(q, k)), k
+            torch.testing.assert_close(p.obs.images, q.obs.images, rtol=0, atol=0)
+            torch.testing.assert_close(p.obs.state, q.obs.state, rtol=0, atol=0)
+        # misuse
+        with pytest.raises(RuntimeError, match="no step in flight"):
+            env.step_wait()
+        env.step_async(chunks[0])
+        with pytest.raises(RuntimeError, match="already in flight"):
+            env.step_async(chunks[0])
+        with pytest.raises(RuntimeError, match="in flight"):
+            env.reset(seed=0)
+        assert env.step_wait().executed.tolist() == [2, 2]  # the first one is still collected
+        with pytest.raises(RuntimeError, match="no step in flight"):
+            env.step_wait()
+    finally:
+        env.max_episode_steps = old
+
+
 @needs_libero
 def test_libero_close_stops_workers():
     from flowrl.envs.libero import LiberoEnv

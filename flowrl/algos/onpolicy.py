@@ -65,7 +65,7 @@ class OnPolicy(Algorithm):
         def act(o: EnvObs) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
             cache = policy.encode_prefix(to_policy_obs(o.to(dev), policy))  # one prefix pass per chunk
             actions, store = self.sample(policy, cache, dim_mask, step_mask)
-            v = (policy.value(cache).amin(dim=1).float() if self.uses_critic
+            v = (self.critic(policy, cache).amin(dim=1).float() if self.uses_critic
                  else torch.zeros(actions.shape[0], device=dev))
             return actions, store, v
 
@@ -78,7 +78,7 @@ class OnPolicy(Algorithm):
             steps.append(step)
         obs = steps[-1].obs
         pobs = to_policy_obs(obs.to(dev), policy)
-        last_v = policy.value(pobs).amin(dim=1).float() if self.uses_critic else torch.zeros_like(values[0])
+        last_v = self.critic(policy, pobs).amin(dim=1).float() if self.uses_critic else torch.zeros_like(values[0])
         R, D = (torch.stack([getattr(s, k) for s in steps]).to(dev) for k in ("reward", "done"))  # (T, B)
         V = torch.stack(values)
         adv, ret = self.advantages(R, V, D, last_v)
@@ -112,7 +112,7 @@ class OnPolicy(Algorithm):
             pl, pstats = L.ppo_policy_loss(ratio, adv, self.clip, self.cfg.dual_clip)
         loss = pl
         if self.uses_critic:
-            v = policy.value(pobs).float()  # (n, M): every head regresses the return
+            v = self.critic(policy, pobs).float()  # (n, M): every head regresses the return
             old = mb.data["old_value"][:, None].expand_as(v)
             ret = mb.data["ret"][:, None].expand_as(v)
             vl = L.value_loss(v, old, ret, self.cfg.value_clip)
@@ -129,6 +129,15 @@ class OnPolicy(Algorithm):
             ratio_min=float(ratio.detach().min()),
         )
         return loss, stats
+
+    def critic(self, policy: Any, obs_or_cache: Any) -> torch.Tensor:
+        """The critic's ensemble values ``(B, M)``: on the action expert for π0 (the state enters
+        there), on the VLM for π0.5 (the state is in the prefix), as π_RL does; ``algo.critic_side``
+        overrides."""
+        side = self.cfg.critic_side
+        if side == "auto":
+            side = "expert" if policy.config.variant == "pi0" else "vlm"
+        return policy.value(obs_or_cache, side=side)
 
     @property
     def clip(self) -> float:

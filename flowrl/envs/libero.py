@@ -20,6 +20,10 @@ Conventions (those of openpi's and lerobot's LIBERO policies):
   evaluations do; time limit per suite (:data:`MAX_EPISODE_STEPS`). The init state of an env's
   next episode can be chosen (:meth:`LiberoEnv.set_next_init`, :meth:`LiberoEnv.reset_to`), as
   :func:`flowrl.eval_libero.evaluate_libero` does to run every (task, init state) pair once.
+- stepping: :meth:`LiberoEnv.step_async` hands a chunk to the workers and returns at once,
+  :meth:`LiberoEnv.step_wait` collects it (``step`` is the two in a row), so a
+  :class:`~flowrl.envs.PipelinedEnv` overlaps the workers' stepping with the policy's inference
+  for its other groups without threads.
 - language: the task's instruction, tokenized by a deterministic word-level (hashed) or
   byte-level tokenizer of flowrl, or by a ``tokenizer=`` callable: real π0 / π0.5 checkpoints
   need their PaliGemma tokenizer's ids, which the user supplies (flowrl downloads nothing).
@@ -450,6 +454,8 @@ class LiberoEnv(VecEnv):
         self._state = np.zeros((num_envs, 8), dtype=np.float32)
         self._started = False
         self._closed = False
+        #: a step handed to the workers by :meth:`step_async`, not yet collected: (sent, send failures)
+        self._in_flight: tuple[dict[int, _Worker], dict[int, str]] | None = None
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker | None] = [None] * num_envs
         self._n_init: list[int] = [0] * num_envs
@@ -580,6 +586,7 @@ class LiberoEnv(VecEnv):
             The observation of all ``num_envs`` envs.
         """
         self._check_open()
+        self._check_idle("reset_to")
         ids = list(range(self.num_envs)) if env_ids is None else [int(i) for i in env_ids]
         if env_ids is not None and not self._started:
             raise RuntimeError("LiberoEnv.reset_to: start every env first (reset() or reset_to(inits))")
@@ -641,6 +648,7 @@ class LiberoEnv(VecEnv):
 
     def reset(self, seed: int | None = None) -> EnvObs:
         self._check_open()
+        self._check_idle("reset")
         if seed is not None:
             self.seed = int(seed)
         self.episode[:] = 0
@@ -663,6 +671,7 @@ class LiberoEnv(VecEnv):
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._check_open()
+        self._check_idle("load_state_dict")
         if len(sd["episode"]) != self.num_envs:
             raise ValueError(f"LiberoEnv.load_state_dict: state for {len(sd['episode'])} envs, this env has "
                              f"{self.num_envs}")
@@ -680,27 +689,73 @@ class LiberoEnv(VecEnv):
 
     # ------------------------------------------------------------------ stepping
     def step(self, actions: torch.Tensor) -> ChunkStep:
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: torch.Tensor) -> None:
+        """Hand the chunk ``actions (B, H ≥ H', A ≥ 7)`` to the workers and return at once.
+
+        The workers step while the caller goes on (e.g. computes the next group's actions in a
+        :class:`~flowrl.envs.PipelinedEnv`); :meth:`step_wait` collects the result. The actions are
+        copied to the host here (on a GPU this waits for the kernels that computed them).
+
+        Raises:
+            RuntimeError: the env is closed, not reset yet, or a step is already in flight.
+        """
         self._check_open()
         if not self._started:
             raise RuntimeError("LiberoEnv: call reset() before step()")
+        if self._in_flight is not None:
+            raise RuntimeError("LiberoEnv.step_async: a step is already in flight; collect it with step_wait() "
+                               "before starting another")
         a = self.check_actions(actions).detach().cpu().numpy().astype(np.float32)
         try:
-            return self._step(a)
+            self._in_flight = self._send_step(a)
         except KeyboardInterrupt:
             self.close()
             raise
 
-    def _step(self, a: np.ndarray) -> ChunkStep:
-        B = self.num_envs
+    def step_wait(self) -> ChunkStep:
+        """The :class:`ChunkStep` of the step started by :meth:`step_async`: waits for every worker
+        (``step_timeout`` s each; a dead or hung worker is restarted and its episode ends as
+        ``truncated``), then resets the envs whose episodes ended.
+
+        Raises:
+            RuntimeError: the env is closed, or no step is in flight.
+        """
+        self._check_open()
+        if self._in_flight is None:
+            raise RuntimeError("LiberoEnv.step_wait: no step in flight (call step_async first)")
+        sent, failed = self._in_flight
+        self._in_flight = None
+        try:
+            return self._finish_step(sent, failed)
+        except KeyboardInterrupt:
+            self.close()
+            raise
+
+    def _check_idle(self, who: str) -> None:
+        if self._in_flight is not None:
+            raise RuntimeError(f"LiberoEnv.{who}: a step is in flight; collect it with step_wait() first")
+
+    def _send_step(self, a: np.ndarray) -> tuple[dict[int, _Worker], dict[int, str]]:
+        """Send each worker its actions ``a[i, :n_i]`` (``a``: ``(B, H', 7)`` float32, ``n_i`` cut at the
+        time limit); returns the workers sent to and the send failures, by env index."""
         n = np.minimum(self.chunk_steps, self.max_episode_steps - self.t)
         sent: dict[int, _Worker] = {}
         failed: dict[int, str] = {}
-        for i in range(B):
+        for i in range(self.num_envs):
             try:
                 self._workers[i].send(("step", a[i, : int(n[i])]))  # type: ignore[union-attr]
                 sent[i] = self._workers[i]  # type: ignore[assignment]
             except _WorkerFailure as e:
                 failed[i] = str(e)
+        return sent, failed
+
+    def _finish_step(self, sent: dict[int, _Worker], failed: dict[int, str]) -> ChunkStep:
+        """Collect the replies of a sent step, restart failed workers, reset ended episodes."""
+        B = self.num_envs
+        failed = dict(failed)
         got, late = _collect(sent, self.step_timeout)
         failed.update(late)
         reward = np.zeros(B, dtype=np.float32)
@@ -749,6 +804,7 @@ class LiberoEnv(VecEnv):
         if self._closed:
             return
         self._closed = True
+        self._in_flight = None  # the workers' replies go with them
         for w in self._workers:
             if w is not None:
                 try:

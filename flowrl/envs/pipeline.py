@@ -13,14 +13,16 @@ and so on around the ring: with stepping and inference of similar cost, the acce
 simulators both stay busy. The yields are those of the sequential loop (``(obs, act outputs,
 step)`` for all envs per chunk), so an algorithm's rollout reads the same with and without it.
 
-A sub-env steps asynchronously through its own ``step_async`` / ``step_wait``. One that only has
-the synchronous default (e.g. :class:`~flowrl.envs.libero.LiberoEnv` today) can be stepped on a
-background thread (``threaded=True``): the actions are copied to the host without blocking the
-caller (pinned memory + a CUDA event), and the thread waits for that copy, then runs ``step``.
-Simulator workers (separate processes) and torch ops release the GIL, so the step overlaps the
-caller's inference. Without threads, such a sub-env steps synchronously inside ``step_async``
-(correct, no overlap: the right choice for :class:`~flowrl.envs.reach.ReachEnv`, whose step is a
-few batched tensor ops on the policy's device).
+A sub-env steps asynchronously through its own ``step_async`` / ``step_wait`` when it overrides
+them (:class:`~flowrl.envs.libero.LiberoEnv`: the actions go to its worker processes, which step
+while the caller goes on; no thread is used for it, whatever ``threaded`` says). One that only
+has the synchronous default can be stepped on a background thread (``threaded=True``): the
+actions are copied to the host without blocking the caller (pinned memory + a CUDA event), and
+the thread waits for that copy, then runs ``step``. Simulator workers (separate processes) and
+torch ops release the GIL, so the step overlaps the caller's inference. Without threads, such a
+sub-env steps synchronously inside ``step_async`` (correct, no overlap: the right choice for
+:class:`~flowrl.envs.reach.ReachEnv`, whose step is a few batched tensor ops on the policy's
+device).
 
 Sub-envs built with an ``env_offset`` attribute (ReachEnv, LiberoEnv) must hold consecutive
 global env indices; they then get the same reset seed and are told apart by their offsets (a

@@ -136,6 +136,7 @@ class ReachEnv(VecEnv):
         self.episode = torch.zeros(B, dtype=torch.int64)
         self.seed = 0
         self.expert_quality = 1.0
+        self.expert_speed = 1.0
         self._color_names = list(COLORS)[:num_targets]
         self._colors = torch.tensor([COLORS[c] for c in self._color_names], device=dev)  # (T, 3)
         self._instr_tokens = torch.zeros(B, self.max_token_len, dtype=torch.int64, device=dev)
@@ -143,11 +144,16 @@ class ReachEnv(VecEnv):
         self._started = False
 
     # ------------------------------------------------------------------ episodes
-    def set_expert_quality(self, quality: float) -> None:
-        """Quality in [0, 1] of the demonstrations of episodes started from now on."""
+    def set_expert_quality(self, quality: float, speed: float | None = None) -> None:
+        """Quality in [0, 1] of the demonstrations of episodes started from now on, and
+        optionally the expert's speed in (0, 1] (a fraction of ``max_speed``: a slow expert)."""
         if not 0.0 <= quality <= 1.0:
             raise ValueError(f"ReachEnv: expert quality must be in [0, 1], got {quality}")
+        if speed is not None and not 0.0 < speed <= 1.0:
+            raise ValueError(f"ReachEnv: expert speed must be in (0, 1], got {speed}")
         self.expert_quality = float(quality)
+        if speed is not None:
+            self.expert_speed = float(speed)
 
     def _init_episodes(self, ids: torch.Tensor) -> None:
         T = self.num_targets
@@ -189,7 +195,8 @@ class ReachEnv(VecEnv):
             "pos": self.pos.cpu().clone(), "targets": self.targets.cpu().clone(), "goal": self.goal.cpu().clone(),
             "expert_target": self.expert_target.cpu().clone(), "phrase": self.phrase.cpu().clone(),
             "t": self.t.cpu().clone(), "ret": self.ret.cpu().clone(), "episode": self.episode.clone(),
-            "seed": self.seed, "expert_quality": self.expert_quality, "instructions": list(self._instructions),
+            "seed": self.seed, "expert_quality": self.expert_quality,
+            "expert_speed": self.expert_speed, "instructions": list(self._instructions),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -200,6 +207,7 @@ class ReachEnv(VecEnv):
             setattr(self, k, sd[k].to(self.device).clone())
         self.episode = sd["episode"].clone()
         self.seed, self.expert_quality = int(sd["seed"]), float(sd["expert_quality"])
+        self.expert_speed = float(sd.get("expert_speed", 1.0))
         self._instructions = list(sd["instructions"])
         self._instr_tokens = tokenize(self._instructions, self.max_token_len, self.device)[0]
         self._started = True
@@ -274,15 +282,15 @@ class ReachEnv(VecEnv):
     ) -> torch.Tensor:
         """The scripted expert's chunk ``(B, horizon, 2)`` from the current state.
 
-        Heads in a straight line, at full speed, for this episode's expert target (the goal, or
-        a wrong target with probability ``1 − quality`` drawn at episode start), then stays;
-        adds Gaussian noise of scale ``noise·(1 − quality)``.
+        Heads in a straight line, at ``expert_speed`` of the full speed, for this episode's
+        expert target (the goal, or a wrong target with probability ``1 − quality`` drawn at
+        episode start), then stays; adds Gaussian noise of scale ``noise·(1 − quality)``.
         """
         tgt = self._goal_pos(self.expert_target)
         pos = self.pos.clone()
         out = torch.zeros(self.num_envs, horizon, 2, device=self.device)
         for h in range(horizon):
-            a = ((tgt - pos) / self.max_speed).clamp(-1, 1)
+            a = ((tgt - pos) / self.max_speed).clamp(-1, 1) * self.expert_speed
             out[:, h] = a
             pos = (pos + self.max_speed * a).clamp(-1, 1)
         sigma = noise * (1.0 - self.expert_quality)

@@ -1,0 +1,37 @@
+"""Smoke test of benchmarks/bench_train.py: ``--quick`` for two algorithms (+ the pipeline row)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_train_quick(tmp_path):
+    out = tmp_path / "results.md"
+    r = _load().main(["--quick", "--algos", "fpo,sft", "--device", "cpu", "--out", str(out)])
+    assert [row["algo"] for row in r["rows"]] == ["fpo", "sft"]
+    for row in r["rows"]:
+        for k in ("rollout_sps", "env_steps_ps", "update_sps", "rollout_ms", "update_ms"):
+            assert row[k] > 0, (row["algo"], k, row[k])
+        assert row["update_samples"] == 2 * 4  # --quick: 2 optimizer steps of 4 samples
+    (pipe,) = r["pipeline"]
+    assert pipe["env"] == "reach" and pipe["sps1"] > 0 and pipe["sps2"] > 0 and pipe["ratio"] > 0
+    text = out.read_text()
+    assert text == "\n" + r["markdown"] and "## bench_train (" in text and "torch AdamW" in text
+    # every table row's numeric cells are positive numbers
+    body = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith(("| algorithm", "| env |"))]
+    assert len(body) == 3, body
+    for ln in body:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        nums = [float(c.rstrip("x")) for c in cells if re.fullmatch(r"[0-9.]+x?", c)]
+        assert len(nums) >= 6 and all(v > 0 for v in nums), ln
