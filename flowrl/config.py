@@ -40,6 +40,7 @@ class EnvConfig:
     max_episode_steps: int = 40
     state_with_targets: bool = True
     state_with_goal: bool = False
+    state_with_time: bool = False  # reach: the fraction of the time limit left, in the state
     expert_quality: float = 0.6  # demonstrations for SFT / ARFM
     expert_speed: float = 1.0  # the expert's speed, a fraction of the env's maximum (a slow expert)
     suite: str = "libero_spatial"  # libero only

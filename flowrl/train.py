@@ -73,7 +73,7 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
         def sub(g: int) -> Any:
             env = ReachEnv(part, num_targets=e.num_targets, image_size=e.image_size, chunk_steps=e.chunk_steps,
                            max_episode_steps=e.max_episode_steps, state_with_targets=e.state_with_targets,
-                           state_with_goal=e.state_with_goal,
+                           state_with_goal=e.state_with_goal, state_with_time=e.state_with_time,
                            group_size=cfg.algo.group_size if cfg.algo.name == "grpo" else 1, env_offset=g * part,
                            device=device)
             env.set_expert_quality(e.expert_quality, e.expert_speed)
@@ -87,7 +87,7 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
             kw = {"num_envs": part, "env_offset": rank * e.num_envs + g * part} if groups > 1 else {}
             return LiberoEnv.from_config(e, rank=rank, **kw)
 
-        threaded = True  # LiberoEnv.step is synchronous: step it on a thread while the policy acts
+        threaded = True  # LiberoEnv has a native step_async (workers step while the policy acts): no thread used
     else:
         raise ConfigError(f"env.name: unknown environment {e.name!r}")
     if groups == 1:
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             if hasattr(algo, "after_step"):
                 algo.after_step()
             n_updates += 1
-            processed += len(mb)
+            processed += int(next(iter(mb.data.values())).shape[0])  # VLA-FPO's mb.obs is the whole rollout
             for k, v in st.items():
                 agg.setdefault(k, []).append(float(v))
         t_upd = time.perf_counter() - t1

@@ -94,3 +94,27 @@ def test_wilson_interval():
     lo, hi = wilson_interval(20, 64)
     assert math.isclose(lo, 0.2124, abs_tol=1e-3) and math.isclose(hi, 0.4343, abs_tol=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_critic_side_follows_pi_rl():
+    """The on-policy critic reads the action expert for π0 (the state enters the suffix there) and
+    the VLM for π0.5 (the state is in the prefix); ``algo.critic_side`` overrides."""
+    from flowrl.algos.base import to_policy_obs
+    from flowrl.config import AlgoConfig, TrainConfig
+    from flowrl.envs import ReachEnv
+    from flowrl.models import Pi0Policy, get_config
+    from flowrl.train import build_algorithm
+
+    env = ReachEnv(3, state_with_targets=True)
+    obs = env.reset(seed=0)
+    for variant, side in (("pi0", "expert"), ("pi05", "vlm")):
+        torch.manual_seed(0)
+        pol = Pi0Policy(get_config("tiny", variant=variant, num_cameras=1, vocab_size=16, max_token_len=8)).eval()
+        cache = pol.encode_prefix(to_policy_obs(obs, pol))
+        for cfg_side, want in (("auto", side), ("vlm", "vlm"), ("expert", "expert")):
+            cfg = TrainConfig(algo=AlgoConfig(name="fpo", critic_side=cfg_side))
+            algo = build_algorithm(cfg)
+            got = algo.critic(pol, cache)
+            assert torch.equal(got, pol.value(cache, side=want)), (variant, cfg_side)
+            other = "vlm" if want == "expert" else "expert"
+            assert not torch.allclose(got, pol.value(cache, side=other))

@@ -115,6 +115,39 @@ def test_easy_variant_state_has_the_goal():
     assert ReachEnv(5, num_targets=3, state_with_targets=True).state_dim == 8
 
 
+def test_slow_expert_and_time_in_state():
+    """``expert_speed`` scales the expert's steps; ``state_with_time`` appends the time left."""
+    env = ReachEnv(64, max_episode_steps=15, state_with_targets=True, state_with_goal=True, state_with_time=True)
+    assert env.state_dim == 12
+    obs = env.reset(seed=1)
+    assert torch.equal(obs.state[:, -1], torch.ones(64))
+    full = env.expert_actions(5).norm(dim=-1).amax()
+    env.set_expert_quality(1.0, 0.5)
+    slow = env.expert_actions(5)
+    assert float(slow.norm(dim=-1).amax()) <= 0.5 * float(full) * 1.001 + 1e-6
+    r = env.step(slow)
+    assert torch.allclose(r.obs.state[~r.done, -1], torch.full(((~r.done).sum(),), 1 - 5 / 15))
+    rates = {}
+    for speed in (1.0, 0.5):  # under a tight time limit a slow expert fails more often
+        e = ReachEnv(128, max_episode_steps=15)
+        e.set_expert_quality(1.0, speed)
+        e.reset(seed=0)
+        succ = alive = torch.ones(128, dtype=torch.bool)
+        succ = torch.zeros(128, dtype=torch.bool)
+        for _ in range(3):
+            st = e.step(e.expert_actions(5))
+            succ |= alive & st.success
+            alive &= ~st.done
+        rates[speed] = float(succ.float().mean())
+    assert rates[1.0] > 0.95 and rates[0.5] < 0.8
+    sd = env.state_dict()
+    b = ReachEnv(64, max_episode_steps=15, state_with_targets=True, state_with_goal=True, state_with_time=True)
+    b.load_state_dict(sd)
+    assert b.expert_speed == 0.5
+    with pytest.raises(ValueError, match="speed"):
+        env.set_expert_quality(1.0, 0.0)
+
+
 def test_padded_actions_and_bad_input():
     env = ReachEnv(2)
     with pytest.raises(RuntimeError, match="reset"):

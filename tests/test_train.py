@@ -221,6 +221,8 @@ BAD_CLI = {
     "grpo batch": (["algo.name=grpo", "env.num_envs=6", "algo.group_size=4"], "divisible by algo.group_size=4"),
     "missing init_from": (["model.init_from=/nonexistent/ckpt"], "model.init_from"),
     "resume without checkpoint": (["--resume"], "--resume: no complete checkpoint"),
+    "critic side": (["algo.critic_side=actor"], "algo.critic_side must be auto, expert or vlm"),
+    "expert speed": (["env.expert_speed=0"], "env.expert_speed must be in (0, 1]"),
 }
 
 

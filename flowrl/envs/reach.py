@@ -69,6 +69,8 @@ class ReachEnv(VecEnv):
         state_with_targets: append the targets' positions (in colour order) to the state: the
             policy still has to read the instruction to know which one is the goal.
         state_with_goal: also append the goal's one-hot (the trivially easy variant).
+        state_with_time: also append the fraction of the time limit left, ``1 − t/max_episode_steps``
+            (makes the value of a state predictable under a tight time limit).
         group_size: consecutive envs that start each reset from the same scene (GRPO groups).
         env_offset: global index of env 0 (a multiple of ``group_size``): this env runs the
             episodes of envs ``[env_offset, env_offset + num_envs)`` of a larger one.
@@ -87,6 +89,7 @@ class ReachEnv(VecEnv):
         max_speed: float = 0.1,
         state_with_targets: bool = False,
         state_with_goal: bool = False,
+        state_with_time: bool = False,
         group_size: int = 1,
         env_offset: int = 0,
         device: torch.device | str = "cpu",
@@ -120,7 +123,9 @@ class ReachEnv(VecEnv):
         self.device = torch.device(device)
         self.action_dim = 2
         self.state_with_goal = state_with_goal
-        self.state_dim = 2 + (2 * num_targets if state_with_targets else 0) + (num_targets if state_with_goal else 0)
+        self.state_with_time = state_with_time
+        self.state_dim = (2 + (2 * num_targets if state_with_targets else 0) + (num_targets if state_with_goal else 0)
+                          + int(state_with_time))
         self.num_cameras = 1
         self.vocab_size = len(VOCAB)
         self.max_token_len = 8
@@ -240,6 +245,8 @@ class ReachEnv(VecEnv):
             state = torch.cat([state, self.targets.flatten(1)], dim=1)
         if self.state_with_goal:
             state = torch.cat([state, torch.nn.functional.one_hot(self.goal, self.num_targets).float()], dim=1)
+        if self.state_with_time:
+            state = torch.cat([state, (1.0 - self.t.float() / self.max_episode_steps)[:, None]], dim=1)
         tokens = self._instr_tokens.clone()
         return EnvObs(images, torch.ones(self.num_envs, 1, dtype=torch.bool, device=self.device), tokens,
                       tokens != 0, state, list(self._instructions))

@@ -1,0 +1,152 @@
+"""The acceptance table of the built-in task: SFT, then each RL algorithm from the SFT checkpoint.
+
+For every seed: SFT on the scripted expert's imperfect demonstrations (``sft_iterations``
+iterations, evaluated), then each online algorithm started from that SFT checkpoint for the
+same number of iterations (the same env-step budget: ``iterations · num_envs · rollout_chunks ·
+chunk_steps``), ARFM on the same offline data as SFT, and the VLA-FPO ablation (no clipping,
+K = 1 latent step, a single critic). Every run is a separate ``python flowrl/train.py``
+process; success is the trainer's own evaluation (``eval_episodes`` episodes, ODE sampling).
+
+    python benchmarks/rl_table.py --seeds 0 1 2 --out benchmarks/RESULTS.md
+    python benchmarks/rl_table.py --algos fpo grpo --seeds 0 --set algo.lr=3e-4
+
+Prints a markdown table (mean ± std over seeds, and each seed's value); ``--out`` appends it,
+with the settings, commit and date, and ``--json`` writes every run's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# the task of the table: a slow expert (60 % of full speed) under a tight time limit, so SFT lands
+# well below the expert and RL has room to learn to move faster; the goal is given in the state
+TASK = ["env.state_with_goal=true", "env.expert_quality=1.0", "env.expert_speed=0.6", "env.max_episode_steps=15",
+        "env.num_envs=64", "tensorboard=false", "plot=false"]
+RL_ALGOS = ("fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo")
+ABLATIONS = {"vla_fpo (no clipping)": ["algo.vla_clip=false"], "vla_fpo (K = 1)": ["algo.vla_latent_steps=1"],
+             "vla_fpo (single critic)": ["algo.vla_ensemble=1"]}
+CONFIG = {"fpo": "reach_fpo.yaml", "vla_fpo": "reach_fpo.yaml", "flow_noise_ppo": "reach_flow_noise_ppo.yaml",
+          "flow_sde_ppo": "reach_flow_sde_ppo.yaml", "grpo": "reach_grpo.yaml", "sft": "reach_sft.yaml",
+          "arfm": "reach_arfm.yaml"}
+
+
+def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = True) -> dict:
+    """One trainer process; returns success before/after, env steps and wall time."""
+    run_dir = out_dir / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+    config = ROOT / "flowrl" / "configs" / CONFIG[algo]
+    cmd = [sys.executable, str(ROOT / "flowrl" / "train.py"), "--config", str(config),
+           f"run_dir={run_dir}", f"algo.name={algo}", *TASK, *overrides]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t0
+    (out_dir / f"{run_dir.name}.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name}: trainer failed (exit {p.returncode}); log: {out_dir / (run_dir.name + '.log')}\n"
+                           + (p.stdout + p.stderr)[-2000:])
+    m = re.search(r"success before ([0-9.]+) -> after ([0-9.]+)", p.stdout)
+    if m is None:
+        raise RuntimeError(f"{name}: no evaluation line in the trainer's output")
+    steps = 0.0
+    mf = run_dir / "metrics.jsonl"
+    if mf.is_file():
+        steps = sum(json.loads(line).get("env_steps", 0.0) for line in mf.read_text().splitlines()
+                    if not json.loads(line).get("phase_sft"))
+    r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall,
+         "checkpoint": str(run_dir / "checkpoints" / "latest")}
+    if log:
+        print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  env steps {steps:.0f}  {wall:.0f} s",
+              flush=True)
+    return r
+
+
+def latest_checkpoint(run_dir: Path) -> str:
+    ck = sorted((run_dir / "checkpoints").glob("iter_*"))
+    if not ck:
+        raise RuntimeError(f"no checkpoint under {run_dir}")
+    return str(ck[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--algos", nargs="+", default=list(RL_ALGOS), choices=RL_ALGOS)
+    p.add_argument("--no-arfm", action="store_true")
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--sft-iterations", type=int, default=15)
+    p.add_argument("--iterations", type=int, default=20, help="RL iterations (the shared env-step budget)")
+    p.add_argument("--eval-episodes", type=int, default=256)
+    p.add_argument("--set", nargs="*", default=[], help="extra trainer overrides for every run")
+    p.add_argument("--work-dir", default="runs/rl_table")
+    p.add_argument("--out", default=None, help="append the markdown table to this file")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[float]] = {}
+    runs: dict[str, list[dict]] = {}
+    t_start = time.perf_counter()
+
+    def add(name: str, r: dict) -> None:
+        rows.setdefault(name, []).append(r["after"])
+        runs.setdefault(name, []).append(r)
+
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        common = [f"seed={seed}", f"eval_episodes={args.eval_episodes}", *args.set]
+        sd = work / f"seed{seed}"
+        sd.mkdir(exist_ok=True)
+        sft = run("sft", "sft", [*common, "iterations=0", f"sft_iterations={args.sft_iterations}",
+                                 f"checkpoint_every={args.sft_iterations}"], sd)
+        add("sft", sft)
+        init = latest_checkpoint(sd / "sft")
+        if not args.no_arfm:
+            add("arfm", run("arfm", "arfm", [*common, f"iterations={args.sft_iterations}", "sft_iterations=0",
+                                             f"checkpoint_every={args.sft_iterations}"], sd))
+        rl = [(a, a, []) for a in args.algos]
+        if not args.no_ablation and "vla_fpo" in args.algos:
+            rl += [(n, "vla_fpo", o) for n, o in ABLATIONS.items()]
+        for name, algo, extra in rl:
+            add(name, run(name, algo, [*common, "sft_iterations=0", f"iterations={args.iterations}",
+                                       f"checkpoint_every={args.iterations}", f"model.init_from={init}", *extra], sd))
+    table = format_table(rows, args)
+    print(table)
+    if args.out:
+        from bench_ops import _commit, _device_name  # type: ignore[import-not-found]
+
+        head = (f"\n### Built-in task: success after SFT and after RL ({time.strftime('%Y-%m-%d')}, commit "
+                f"{_commit()}, {_device_name('cpu')}, {time.perf_counter() - t_start:.0f} s)\n\n"
+                f"`python benchmarks/rl_table.py --seeds {' '.join(map(str, args.seeds))} --iterations "
+                f"{args.iterations} --sft-iterations {args.sft_iterations}"
+                + (f" --set {' '.join(args.set)}" if args.set else "") + "`; task: `" + " ".join(TASK) + "`\n\n")
+        with open(args.out, "a") as f:
+            f.write(head + table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+def format_table(rows: dict[str, list[float]], args: argparse.Namespace) -> str:
+    sft = rows.get("sft", [])
+    lines = ["| method | success (mean ± std) | Δ vs SFT (points) | per seed |", "|---|---|---|---|"]
+    for name, vals in rows.items():
+        mean = statistics.fmean(vals)
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        delta = "" if name == "sft" or len(sft) != len(vals) else \
+            f"{100 * statistics.fmean(v - s for v, s in zip(vals, sft)):+.1f}"
+        lines.append(f"| {name} | {mean:.3f} ± {std:.3f} | {delta} | {', '.join(f'{v:.3f}' for v in vals)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
