@@ -70,6 +70,25 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
     return r
 
 
+def iterations_for(algo: str, iterations: int, overrides: list[str]) -> int:
+    """Iterations giving ``algo`` the env-step budget of ``iterations`` on-policy iterations.
+
+    On-policy iterations step ``num_envs · rollout_chunks · H'`` env steps; GRPO's run one episode
+    per env (at most ``num_envs · ceil(T / H') · H'``), so GRPO gets more of them (its measured
+    env steps, at most the budget, are in the table).
+    """
+    sys.path.insert(0, str(ROOT))
+    from flowrl.config import load_config
+
+    cfg = load_config(ROOT / "flowrl" / "configs" / CONFIG[algo], [f"algo.name={algo}", *TASK, *overrides])
+    e, a = cfg.env, cfg.algo
+    budget = iterations * e.num_envs * a.rollout_chunks * e.chunk_steps
+    if algo != "grpo":
+        return iterations
+    per_it = e.num_envs * -(-e.max_episode_steps // e.chunk_steps) * e.chunk_steps
+    return max(1, budget // per_it)
+
+
 def latest_checkpoint(run_dir: Path) -> str:
     ck = sorted((run_dir / "checkpoints").glob("iter_*"))
     if not ck:
@@ -117,9 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_ablation and "vla_fpo" in args.algos:
             rl += [(n, "vla_fpo", o) for n, o in ABLATIONS.items()]
         for name, algo, extra in rl:
-            add(name, run(name, algo, [*common, "sft_iterations=0", f"iterations={args.iterations}",
-                                       f"checkpoint_every={args.iterations}", f"model.init_from={init}", *extra], sd))
-    table = format_table(rows, args)
+            its = iterations_for(algo, args.iterations, [*common, *extra])
+            add(name, run(name, algo, [*common, "sft_iterations=0", f"iterations={its}", f"checkpoint_every={its}",
+                                       f"model.init_from={init}", *extra], sd))
+    table = format_table(rows, runs)
     print(table)
     if args.out:
         from bench_ops import _commit, _device_name  # type: ignore[import-not-found]
@@ -136,15 +156,17 @@ def main(argv: list[str] | None = None) -> dict:
     return runs
 
 
-def format_table(rows: dict[str, list[float]], args: argparse.Namespace) -> str:
+def format_table(rows: dict[str, list[float]], runs: dict[str, list[dict]]) -> str:
     sft = rows.get("sft", [])
-    lines = ["| method | success (mean ± std) | Δ vs SFT (points) | per seed |", "|---|---|---|---|"]
+    lines = ["| method | success (mean ± std) | Δ vs SFT (points) | per seed | env steps |", "|---|---|---|---|---|"]
     for name, vals in rows.items():
+        steps = statistics.fmean(r["env_steps"] for r in runs[name])
         mean = statistics.fmean(vals)
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         delta = "" if name == "sft" or len(sft) != len(vals) else \
             f"{100 * statistics.fmean(v - s for v, s in zip(vals, sft)):+.1f}"
-        lines.append(f"| {name} | {mean:.3f} ± {std:.3f} | {delta} | {', '.join(f'{v:.3f}' for v in vals)} |")
+        per = ", ".join(f"{v:.3f}" for v in vals)
+        lines.append(f"| {name} | {mean:.3f} ± {std:.3f} | {delta} | {per} | {steps:.0f} |")
     return "\n".join(lines)
 
 

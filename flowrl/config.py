@@ -82,6 +82,7 @@ class AlgoConfig:
     value_clip: float = 0.2
     max_grad_norm: float = 1.0
     critic_side: str = "auto"  # auto (π0: expert, π0.5: vlm, as π_RL) | expert | vlm
+    critic_detach: bool = True  # the value heads read detached features (false: the value loss trains them too)
     # FPO
     fpo_pairs: int = 8  # N (τ, ε) pairs per chunk
     fpo_ratio: str = "per_sample"  # mean | per_sample

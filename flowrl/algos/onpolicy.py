@@ -133,11 +133,11 @@ class OnPolicy(Algorithm):
     def critic(self, policy: Any, obs_or_cache: Any) -> torch.Tensor:
         """The critic's ensemble values ``(B, M)``: on the action expert for π0 (the state enters
         there), on the VLM for π0.5 (the state is in the prefix), as π_RL does; ``algo.critic_side``
-        overrides."""
+        overrides. ``algo.critic_detach=false`` lets the value loss train the features too."""
         side = self.cfg.critic_side
         if side == "auto":
             side = "expert" if policy.config.variant == "pi0" else "vlm"
-        return policy.value(obs_or_cache, side=side)
+        return policy.value(obs_or_cache, side=side, detach=self.cfg.critic_detach)
 
     @property
     def clip(self) -> float:
