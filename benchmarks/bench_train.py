@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup, reps, update_steps = (0, 1, 2) if args.quick else (args.warmup, args.reps, args.update_steps)
     import flowkernels
 
-    flowkernels.set_value_checks(False)  # the trainer's setting on a GPU: no host syncs for value checks
+    if dev.type == "cuda":  # the trainer's setting on a GPU: no host syncs for value checks
+        flowkernels.set_value_checks(False)
     device_name = _device_name(dev.type)
     header = (f"## bench_train ({_dt.date.today().isoformat()}, {_commit()}, {device_name}, torch "
               f"{torch.__version__}, {args.dtype}, optimizer: torch AdamW (no DeepSpeed), warm-up {warmup}, "

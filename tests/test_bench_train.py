@@ -17,8 +17,11 @@ def _load():
 
 
 def test_bench_train_quick(tmp_path):
+    from flowkernels import _checks
+
     out = tmp_path / "results.md"
     r = _load().main(["--quick", "--algos", "fpo,sft", "--device", "cpu", "--out", str(out)])
+    assert _checks._value_checks, "the benchmark must not switch flowkernels' value checks off on CPU"
     assert [row["algo"] for row in r["rows"]] == ["fpo", "sft"]
     for row in r["rows"]:
         for k in ("rollout_sps", "env_steps_ps", "update_sps", "rollout_ms", "update_ms"):
