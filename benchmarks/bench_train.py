@@ -119,12 +119,6 @@ class StepCounter:
         return sum(int(p) for p in self.parts)
 
 
-def _mb_size(mb: Any) -> int:
-    """Samples in a minibatch: the leading dim of its data (VLA-FPO's minibatches carry the whole
-    rollout's ``obs``, so ``len(mb)`` would overcount)."""
-    return int(next(iter(mb.data.values())).shape[0])
-
-
 def _rollout(algo: Any, env: VecEnv, policy: Any, obs: Any, counter: StepCounter, dev: torch.device
              ) -> tuple[float, int, int, Any, Any]:
     """One timed rollout: ``(seconds, samples, env steps, batch, next obs)``."""
@@ -155,7 +149,7 @@ def _update(algo: Any, module: torch.nn.Module, policy: Any, opt: torch.optim.Op
             opt.zero_grad(set_to_none=True)
             if hasattr(algo, "after_step"):
                 algo.after_step()
-            n += _mb_size(mb)
+            n += len(mb)
             k += 1
         if loss is not None and not torch.isfinite(loss):
             raise FloatingPointError(f"{algo.name}: non-finite loss {float(loss)}")

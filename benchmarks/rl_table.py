@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(1, str(ROOT))  # flowrl from a source checkout
 
 # the task of the table: a slow expert (60 % of full speed) under a tight time limit, so SFT lands
 # well below the expert and RL has room to learn to move faster; the goal is given in the state
@@ -62,8 +63,7 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
     if mf.is_file():
         steps = sum(json.loads(line).get("env_steps", 0.0) for line in mf.read_text().splitlines()
                     if not json.loads(line).get("phase_sft"))
-    r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall,
-         "checkpoint": str(run_dir / "checkpoints" / "latest")}
+    r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall}
     if log:
         print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  env steps {steps:.0f}  {wall:.0f} s",
               flush=True)
@@ -77,7 +77,6 @@ def iterations_for(algo: str, iterations: int, overrides: list[str]) -> int:
     per env (at most ``num_envs · ceil(T / H') · H'``), so GRPO gets more of them (its measured
     env steps, at most the budget, are in the table).
     """
-    sys.path.insert(0, str(ROOT))
     from flowrl.config import load_config
 
     cfg = load_config(ROOT / "flowrl" / "configs" / CONFIG[algo], [f"algo.name={algo}", *TASK, *overrides])
@@ -87,13 +86,6 @@ def iterations_for(algo: str, iterations: int, overrides: list[str]) -> int:
         return iterations
     per_it = e.num_envs * -(-e.max_episode_steps // e.chunk_steps) * e.chunk_steps
     return max(1, budget // per_it)
-
-
-def latest_checkpoint(run_dir: Path) -> str:
-    ck = sorted((run_dir / "checkpoints").glob("iter_*"))
-    if not ck:
-        raise RuntimeError(f"no checkpoint under {run_dir}")
-    return str(ck[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,7 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
         sft = run("sft", "sft", [*common, "iterations=0", f"sft_iterations={args.sft_iterations}",
                                  f"checkpoint_every={args.sft_iterations}"], sd)
         add("sft", sft)
+        from flowrl.checkpoint import latest_checkpoint
+
         init = latest_checkpoint(sd / "sft")
+        if init is None:
+            raise RuntimeError(f"the SFT run wrote no checkpoint under {sd / 'sft'}")
         if not args.no_arfm:
             add("arfm", run("arfm", "arfm", [*common, f"iterations={args.sft_iterations}", "sft_iterations=0",
                                              f"checkpoint_every={args.sft_iterations}"], sd))

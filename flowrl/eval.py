@@ -23,7 +23,7 @@ import torch
 from flowrl.algos.base import to_policy_obs
 from flowrl.envs.base import VecEnv
 
-__all__ = ["evaluate", "load_vla_fpo_noise", "main", "wilson_interval"]
+__all__ = ["eval_actions", "evaluate", "load_vla_fpo_noise", "main", "wilson_interval"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -38,6 +38,20 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 @torch.no_grad()
+def eval_actions(policy: Any, obs: Any, gen: torch.Generator, num_steps: int, noise_fn: Any = None) -> torch.Tensor:
+    """One chunk per env ``(B, H, D)`` float32 by ODE sampling from fresh initial noise: ``noise_fn(policy,
+    obs, gen)`` (VLA-FPO's actor) or ``N(0, I)`` drawn from ``gen``. ``obs``: the env's EnvObs of B envs."""
+    dev = next(policy.parameters()).device
+    cfg = policy.config
+    pobs = to_policy_obs(obs.to(dev), policy)
+    if noise_fn is not None:
+        x0 = noise_fn(policy, obs, gen)
+    else:
+        x0 = torch.randn(obs.state.shape[0], cfg.action_horizon, cfg.action_dim, generator=gen).to(dev)
+    return policy.sample_actions(pobs, mode="ode", num_steps=num_steps, noise=x0, return_chain=False).actions.float()
+
+
+@torch.no_grad()
 def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_steps: int = 10,
              noise_fn: Any = None) -> dict[str, float]:
     """Success rate over ``episodes`` episodes with ODE sampling (fresh noise per chunk).
@@ -49,8 +63,6 @@ def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_ste
     """
     if episodes < 1:
         raise ValueError(f"evaluate: episodes must be >= 1, got {episodes}")
-    dev = next(policy.parameters()).device
-    cfg = policy.config
     gen = torch.Generator().manual_seed(seed)
     succ: list[bool] = []
     rets: list[float] = []
@@ -63,13 +75,7 @@ def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_ste
         r_succ = torch.zeros(env.num_envs, dtype=torch.bool)
         r_ret = torch.zeros(env.num_envs)
         for _ in range(max_chunks):
-            pobs = to_policy_obs(obs.to(dev), policy)
-            if noise_fn is not None:
-                x0 = noise_fn(policy, obs, gen)
-            else:
-                x0 = torch.randn(env.num_envs, cfg.action_horizon, cfg.action_dim, generator=gen).to(dev)
-            act = policy.sample_actions(pobs, mode="ode", num_steps=num_steps, noise=x0, return_chain=False).actions
-            step = env.step(act.float())
+            step = env.step(eval_actions(policy, obs, gen, num_steps, noise_fn))
             d = step.done.cpu()
             r_succ |= alive & step.success.cpu()
             r_ret += torch.where(alive, step.reward.cpu(), torch.zeros(env.num_envs))

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowrl.algos.base import to_policy_obs
 from flowrl.envs.libero import MAX_EPISODE_STEPS, NUM_TASKS, SUITES
 
 __all__ = [
@@ -195,10 +194,10 @@ def _run_group(env: Any, queues: dict[int, deque[_Episode]], policy: Any, num_st
                video_wrist: bool, max_retries: int, finish: Callable[[_Episode, bool, int, bool], None],
                say: Callable[[str], None]) -> None:
     """Drain the per-task queues of episodes on one env (its workers are bound to the queues' tasks)."""
+    from flowrl.eval import eval_actions
+
     B = env.num_envs
     task_of = list(env.task_of_env)
-    dev = next(policy.parameters()).device
-    H, D = policy.config.action_horizon, policy.config.action_dim
     cur: list[_Episode | None] = [queues[task_of[i]].popleft() for i in range(B)]
     nxt: list[_Episode | None] = [None] * B
 
@@ -225,13 +224,7 @@ def _run_group(env: Any, queues: dict[int, deque[_Episode]], policy: Any, num_st
         start(i, obs)
         reserve(i)
     while any(e is not None for e in cur):
-        pobs = to_policy_obs(obs.to(dev), policy)
-        if noise_fn is not None:
-            x0 = noise_fn(policy, obs, gen)
-        else:
-            x0 = torch.randn(B, H, D, generator=gen).to(dev)
-        act = policy.sample_actions(pobs, mode="ode", num_steps=num_steps, noise=x0, return_chain=False).actions
-        step = env.step(act.float())
+        step = env.step(eval_actions(policy, obs, gen, num_steps, noise_fn))
         obs = step.obs
         done = step.done.cpu().tolist()
         succ = step.success.cpu().tolist()

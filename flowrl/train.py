@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             if hasattr(algo, "after_step"):
                 algo.after_step()
             n_updates += 1
-            processed += int(next(iter(mb.data.values())).shape[0])  # VLA-FPO's mb.obs is the whole rollout
+            processed += len(mb)
             for k, v in st.items():
                 agg.setdefault(k, []).append(float(v))
         t_upd = time.perf_counter() - t1

@@ -7,6 +7,7 @@ Without a GPU the Triton kernels run in the interpreter, which must be switched 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,18 @@ import flowkernels._backend
 
 # load the Triton kernels now, in interpreter mode, before any test patches TRITON_INTERPRET
 flowkernels._backend._load_triton()
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lerobot_python() -> Path | None:
+    """The lerobot venv's interpreter (``$LEROBOT_VENV``, default ``.venv-lerobot`` in the repo), if it exists."""
+    venv = Path(os.environ.get("LEROBOT_VENV", ".venv-lerobot"))
+    if not venv.is_absolute():
+        venv = ROOT / venv
+    py = venv / "bin" / "python"
+    return py if py.exists() else None
+
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(

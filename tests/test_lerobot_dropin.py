@@ -29,17 +29,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import lerobot_python
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "lerobot_dropin_worker.py"
-
-
-def _lerobot_python() -> Path | None:
-    venv = Path(os.environ.get("LEROBOT_VENV", ".venv-lerobot"))
-    if not venv.is_absolute():
-        venv = ROOT / venv
-    py = venv / "bin" / "python"
-    return py if py.exists() else None
 
 
 def _env() -> dict[str, str]:
@@ -51,7 +44,7 @@ def _env() -> dict[str, str]:
 
 @functools.cache
 def _skip_reason() -> str | None:
-    py = _lerobot_python()
+    py = lerobot_python()
     if py is None:
         return (
             "no lerobot venv (run scripts/setup_lerobot_env.sh, or set LEROBOT_VENV to one holding lerobot[pi]==0.6.1)"
@@ -78,7 +71,7 @@ def _run_worker(group: str, tmp_path: Path, timeout: int) -> list[dict]:
         pytest.skip(reason)
     out = tmp_path / f"{group}.json"
     proc = subprocess.run(
-        [str(_lerobot_python()), str(WORKER), "--group", group, "--out", str(out)],
+        [str(lerobot_python()), str(WORKER), "--group", group, "--out", str(out)],
         capture_output=True,
         text=True,
         env=_env(),

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lerobot_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "lerobot_reference.py"
@@ -34,15 +35,7 @@ VARIANTS = ("pi0", "pi05")
 ATOL = 1e-4
 
 
-def _lerobot_python() -> Path | None:
-    venv = Path(os.environ.get("LEROBOT_VENV", ".venv-lerobot"))
-    if not venv.is_absolute():
-        venv = ROOT / venv
-    py = venv / "bin" / "python"
-    return py if py.exists() else None
-
-
-LEROBOT_PY = _lerobot_python()
+LEROBOT_PY = lerobot_python()
 requires_lerobot = pytest.mark.skipif(
     LEROBOT_PY is None,
     reason="no lerobot venv (run scripts/setup_lerobot_env.sh, or set LEROBOT_VENV to one holding lerobot[pi]==0.6.1)",

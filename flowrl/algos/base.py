@@ -84,6 +84,10 @@ class Batch:
     stats: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
+        """Samples: the leading dim of ``data`` (VLA-FPO's minibatches keep the whole rollout's
+        ``obs`` beside a minibatch of ``data``), of ``obs`` when there is no data."""
+        if self.data:
+            return int(next(iter(self.data.values())).shape[0])
         return self.obs.state.shape[0]
 
     def select(self, idx: torch.Tensor) -> Batch:

@@ -107,7 +107,6 @@ class PipelinedEnv(VecEnv):
         for n in sizes:
             bounds.append(bounds[-1] + n)
         self.slices = [slice(bounds[g], bounds[g + 1]) for g in range(len(envs))]
-        self.threaded = bool(threaded)
         self._pool = (ThreadPoolExecutor(max_workers=len(envs), thread_name_prefix="flowrl-env")
                       if threaded and not all(_native_async(e) for e in envs) else None)
         self._futures: list[Future | None] = [None] * len(envs)
