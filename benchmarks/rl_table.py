@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(1, str(ROOT))  # flowrl from a source checkout
 
-# the task of the table: a slow expert (60 % of full speed) under a tight time limit, so SFT lands
-# well below the expert and RL has room to learn to move faster; the goal is given in the state
-TASK = ["env.state_with_goal=true", "env.expert_quality=1.0", "env.expert_speed=0.6", "env.max_episode_steps=15",
-        "env.num_envs=64", "tensorboard=false", "plot=false"]
+# the task of the table is the configs' own (flowrl/configs/reach_*.yaml): an imprecise expert
+# (a per-episode aim offset, ~50 % of its one-chunk demonstrations miss), so SFT lands well below
+# the expert and RL has to sharpen the policy's action distribution onto the target
+TASK = ["tensorboard=false", "plot=false"]
 RL_ALGOS = ("fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo")
 ABLATIONS = {"vla_fpo (no clipping)": ["algo.vla_clip=false"], "vla_fpo (K = 1)": ["algo.vla_latent_steps=1"],
              "vla_fpo (single critic)": ["algo.vla_ensemble=1"]}
@@ -42,9 +42,16 @@ CONFIG = {"fpo": "reach_fpo.yaml", "vla_fpo": "reach_fpo.yaml", "flow_noise_ppo"
           "arfm": "reach_arfm.yaml"}
 
 
-def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = True) -> dict:
-    """One trainer process; returns success before/after, env steps and wall time."""
+def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = True, reuse: bool = False) -> dict:
+    """One trainer process; returns success before/after, env steps and wall time (also written to
+    ``<run>.result.json``; with ``reuse`` a run whose result file exists is not run again)."""
     run_dir = out_dir / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+    done = out_dir / f"{run_dir.name}.result.json"
+    if reuse and done.is_file():
+        r = json.loads(done.read_text())
+        if log:
+            print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  (reused {done})", flush=True)
+        return r
     config = ROOT / "flowrl" / "configs" / CONFIG[algo]
     cmd = [sys.executable, str(ROOT / "flowrl" / "train.py"), "--config", str(config),
            f"run_dir={run_dir}", f"algo.name={algo}", *TASK, *overrides]
@@ -64,28 +71,29 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
         steps = sum(json.loads(line).get("env_steps", 0.0) for line in mf.read_text().splitlines()
                     if not json.loads(line).get("phase_sft"))
     r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall}
+    done.write_text(json.dumps(r))
     if log:
         print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  env steps {steps:.0f}  {wall:.0f} s",
               flush=True)
     return r
 
 
-def iterations_for(algo: str, iterations: int, overrides: list[str]) -> int:
-    """Iterations giving ``algo`` the env-step budget of ``iterations`` on-policy iterations.
+def grpo_envs(overrides: list[str]) -> int:
+    """GRPO's ``num_envs`` for the on-policy algorithms' env-step budget per iteration.
 
-    On-policy iterations step ``num_envs · rollout_chunks · H'`` env steps; GRPO's run one episode
-    per env (at most ``num_envs · ceil(T / H') · H'``), so GRPO gets more of them (its measured
-    env steps, at most the budget, are in the table).
+    On-policy iterations step ``num_envs · rollout_chunks · H'`` env steps (FPO's config); a GRPO
+    iteration runs one episode per env (at most ``ceil(T / H') · H'`` steps each), so GRPO runs
+    as many iterations with that many more envs (rounded down to whole groups; its measured env
+    steps, at most the budget, are in the table).
     """
     from flowrl.config import load_config
 
-    cfg = load_config(ROOT / "flowrl" / "configs" / CONFIG[algo], [f"algo.name={algo}", *TASK, *overrides])
-    e, a = cfg.env, cfg.algo
-    budget = iterations * e.num_envs * a.rollout_chunks * e.chunk_steps
-    if algo != "grpo":
-        return iterations
-    per_it = e.num_envs * -(-e.max_episode_steps // e.chunk_steps) * e.chunk_steps
-    return max(1, budget // per_it)
+    ref = load_config(ROOT / "flowrl" / "configs" / CONFIG["fpo"], [*TASK, *overrides])
+    cfg = load_config(ROOT / "flowrl" / "configs" / CONFIG["grpo"], ["algo.name=grpo", *TASK, *overrides])
+    budget = ref.env.num_envs * ref.algo.rollout_chunks * ref.env.chunk_steps
+    per_env = -(-cfg.env.max_episode_steps // cfg.env.chunk_steps) * cfg.env.chunk_steps
+    g = cfg.algo.group_size
+    return max(g, budget // per_env // g * g)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,12 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-arfm", action="store_true")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--sft-iterations", type=int, default=15)
-    p.add_argument("--iterations", type=int, default=20, help="RL iterations (the shared env-step budget)")
-    p.add_argument("--eval-episodes", type=int, default=256)
+    p.add_argument("--iterations", type=int, default=30, help="RL iterations (the shared env-step budget)")
+    p.add_argument("--eval-episodes", type=int, default=512)
     p.add_argument("--set", nargs="*", default=[], help="extra trainer overrides for every run")
     p.add_argument("--work-dir", default="runs/rl_table")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     p.add_argument("--json", default=None)
+    p.add_argument("--reuse", action="store_true",
+                   help="do not rerun a run whose result is in the work dir (to add algorithms to a table)")
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         sd = work / f"seed{seed}"
         sd.mkdir(exist_ok=True)
         sft = run("sft", "sft", [*common, "iterations=0", f"sft_iterations={args.sft_iterations}",
-                                 f"checkpoint_every={args.sft_iterations}"], sd)
+                                 f"checkpoint_every={args.sft_iterations}"], sd, reuse=args.reuse)
         add("sft", sft)
         from flowrl.checkpoint import latest_checkpoint
 
@@ -127,14 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
             raise RuntimeError(f"the SFT run wrote no checkpoint under {sd / 'sft'}")
         if not args.no_arfm:
             add("arfm", run("arfm", "arfm", [*common, f"iterations={args.sft_iterations}", "sft_iterations=0",
-                                             f"checkpoint_every={args.sft_iterations}"], sd))
+                                             f"checkpoint_every={args.sft_iterations}"], sd, reuse=args.reuse))
         rl = [(a, a, []) for a in args.algos]
         if not args.no_ablation and "vla_fpo" in args.algos:
             rl += [(n, "vla_fpo", o) for n, o in ABLATIONS.items()]
         for name, algo, extra in rl:
-            its = iterations_for(algo, args.iterations, [*common, *extra])
+            if algo == "grpo":
+                extra = [*extra, f"env.num_envs={grpo_envs([*common, *extra])}"]
+            its = args.iterations
             add(name, run(name, algo, [*common, "sft_iterations=0", f"iterations={its}", f"checkpoint_every={its}",
-                                       f"model.init_from={init}", *extra], sd))
+                                       f"model.init_from={init}", *extra], sd, reuse=args.reuse))
     table = format_table(rows, runs)
     print(table)
     if args.out:

@@ -43,6 +43,9 @@ class EnvConfig:
     state_with_time: bool = False  # reach: the fraction of the time limit left, in the state
     expert_quality: float = 0.6  # demonstrations for SFT / ARFM
     expert_speed: float = 1.0  # the expert's speed, a fraction of the env's maximum (a slow expert)
+    expert_aim_noise: float = 0.0  # std (per axis) of the expert's per-episode aim offset (an imprecise expert)
+    success_radius: float = 0.15  # reach: arena units ([-1, 1]²)
+    max_speed: float = 0.1  # reach: displacement per step at action 1
     suite: str = "libero_spatial"  # libero only
     task_ids: list[int] = field(default_factory=lambda: [0])
     fast_render: bool = False  # libero: no shadows, reflections, multisampling
@@ -242,6 +245,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"algo.fpo_ratio must be mean or per_sample, got {a.fpo_ratio!r}")
     if not 0.0 < cfg.env.expert_speed <= 1.0:
         raise ConfigError(f"env.expert_speed must be in (0, 1], got {cfg.env.expert_speed}")
+    if not cfg.env.expert_aim_noise >= 0.0:
+        raise ConfigError(f"env.expert_aim_noise must be >= 0, got {cfg.env.expert_aim_noise}")
+    if not (cfg.env.success_radius > 0 and cfg.env.max_speed > 0):
+        raise ConfigError(f"env.success_radius and env.max_speed must be > 0, got {cfg.env.success_radius}, "
+                          f"{cfg.env.max_speed}")
     if a.critic_side not in ("auto", "expert", "vlm"):
         raise ConfigError(f"algo.critic_side must be auto, expert or vlm, got {a.critic_side!r}")
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg.env.pipeline_groups = 1
         from flowrl.train import build_env
 
-        env = build_env(cfg)
+        env = build_env(cfg, for_eval=True)
         try:
             if vla:
                 noise_fn, noise_name = load_vla_fpo_noise(ck, policy, cfg, env), "vla_fpo latent actor"

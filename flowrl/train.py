@@ -57,11 +57,12 @@ def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0) ->
 
 
 def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu",
-              pipeline_groups: int | None = None) -> Any:
+              pipeline_groups: int | None = None, for_eval: bool = False) -> Any:
     """This rank's vectorized env: a :class:`~flowrl.envs.PipelinedEnv` of ``pipeline_groups``
     (default ``env.pipeline_groups``) sub-envs when that is > 1, holding consecutive global env
     indices (the same episodes as one env). Evaluation envs take 1: ``evaluate`` steps every env
-    at once, so groups would not overlap anything."""
+    at once, so groups would not overlap anything. ``for_eval``: every env its own scene (no GRPO
+    groups), so every algorithm is evaluated on the same episodes."""
     e = cfg.env
     groups = e.pipeline_groups if pipeline_groups is None else pipeline_groups
     if groups < 1 or e.num_envs % groups:
@@ -74,9 +75,11 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
             env = ReachEnv(part, num_targets=e.num_targets, image_size=e.image_size, chunk_steps=e.chunk_steps,
                            max_episode_steps=e.max_episode_steps, state_with_targets=e.state_with_targets,
                            state_with_goal=e.state_with_goal, state_with_time=e.state_with_time,
-                           group_size=cfg.algo.group_size if cfg.algo.name == "grpo" else 1, env_offset=g * part,
+                           success_radius=e.success_radius, max_speed=e.max_speed,
+                           group_size=cfg.algo.group_size if cfg.algo.name == "grpo" and not for_eval else 1,
+                           env_offset=g * part,
                            device=device)
-            env.set_expert_quality(e.expert_quality, e.expert_speed)
+            env.set_expert_quality(e.expert_quality, e.expert_speed, e.expert_aim_noise)
             return env
 
         threaded = False  # batched tensor ops on the policy's device: nothing to overlap on a thread
@@ -255,7 +258,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     from flowrl.eval import evaluate
 
     def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
-        return build_env(cfg, rank, dev, pipeline_groups=1)
+        return build_env(cfg, rank, dev, pipeline_groups=1, for_eval=True)
 
     result: dict[str, Any] = {}
     if cfg.eval_episodes and start_iter == 0:

@@ -118,3 +118,18 @@ def test_critic_side_follows_pi_rl():
             assert torch.equal(got, pol.value(cache, side=want)), (variant, cfg_side)
             other = "vlm" if want == "expert" else "expert"
             assert not torch.allclose(got, pol.value(cache, side=other))
+
+
+def test_collect_demos_keeps_exactly_the_asked_episodes():
+    """More envs than demonstration episodes: exactly ``num_episodes`` of them are kept, each with
+    its return (one-chunk episodes: 1/H' on success, else 0)."""
+    from flowrl.algos.offline import collect_demos
+    from flowrl.envs import ReachEnv
+
+    env = ReachEnv(16, chunk_steps=10, max_episode_steps=10, max_speed=0.25)
+    env.set_expert_quality(1.0, None, 0.15)
+    demos = collect_demos(env, 10, 4, 5, torch.Generator().manual_seed(0))
+    assert len(demos) == 5 and demos.data["actions"].shape == (5, 10, 4)
+    assert torch.equal(demos.data["actions"][:, :, 2:], torch.zeros(5, 10, 2))
+    ret = demos.data["ret"]
+    assert bool(((ret == 0) | (ret > 0.09)).all())

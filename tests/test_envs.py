@@ -148,6 +148,28 @@ def test_slow_expert_and_time_in_state():
         env.set_expert_quality(1.0, 0.0)
 
 
+def test_imprecise_expert_aim_noise():
+    """``aim_noise`` offsets the point the expert heads for, per episode: demonstrations miss by a
+    graded amount; 0 leaves every other draw of the scene unchanged."""
+    kw = dict(chunk_steps=10, max_episode_steps=10, max_speed=0.25)
+    exact, noisy = ReachEnv(512, **kw), ReachEnv(512, **kw)
+    noisy.set_expert_quality(1.0, None, 0.2)
+    exact.reset(seed=3), noisy.reset(seed=3)
+    assert torch.equal(exact.targets, noisy.targets) and torch.equal(exact.pos, noisy.pos)
+    assert torch.equal(exact.expert_offset, torch.zeros(512, 2))
+    assert 0.15 < float(noisy.expert_offset.std()) < 0.25
+    ok_exact = exact.step(exact.expert_actions(10)).success.float().mean()
+    st = noisy.step(noisy.expert_actions(10))
+    assert float(ok_exact) > 0.99 and 0.2 < float(st.success.float().mean()) < 0.6
+    assert not torch.equal(noisy.expert_offset, torch.zeros(512, 2))  # new episodes, new offsets
+    b = ReachEnv(512, **kw)
+    b.load_state_dict(noisy.state_dict())
+    assert b.expert_aim_noise == 0.2 and torch.equal(b.expert_offset, noisy.expert_offset)
+    assert torch.equal(b.expert_actions(10), noisy.expert_actions(10))
+    with pytest.raises(ValueError, match="aim_noise"):
+        noisy.set_expert_quality(1.0, None, -0.1)
+
+
 def test_padded_actions_and_bad_input():
     env = ReachEnv(2)
     with pytest.raises(RuntimeError, match="reset"):

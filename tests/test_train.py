@@ -223,6 +223,8 @@ BAD_CLI = {
     "resume without checkpoint": (["--resume"], "--resume: no complete checkpoint"),
     "critic side": (["algo.critic_side=actor"], "algo.critic_side must be auto, expert or vlm"),
     "expert speed": (["env.expert_speed=0"], "env.expert_speed must be in (0, 1]"),
+    "aim noise": (["env.expert_aim_noise=-1"], "env.expert_aim_noise must be >= 0"),
+    "reach radius": (["env.success_radius=0"], "env.success_radius and env.max_speed must be > 0"),
 }
 
 
@@ -264,6 +266,22 @@ def test_load_config_checks_before_work():
     with pytest.raises(ConfigError, match="must be divisible"):
         load_config(None, ["algo.name=grpo", "env.num_envs=8", "algo.group_size=3"])
     load_config(None, ["algo.name=grpo", "env.num_envs=8", "algo.group_size=4"])
+
+
+def test_grpo_groups_only_in_training_envs():
+    """GRPO's rollout envs share a scene per group; its evaluation envs do not (every algorithm is
+    evaluated on the same episodes), and the env knobs of the config reach the env."""
+    from flowrl.train import build_env
+
+    cfg = load_config(None, ["algo.name=grpo", "env.num_envs=8", "algo.group_size=4", "env.success_radius=0.1",
+                             "env.max_speed=0.2", "env.expert_aim_noise=0.3"])
+    train_env, eval_env = build_env(cfg), build_env(cfg, for_eval=True)
+    assert train_env.group_size == 4 and eval_env.group_size == 1
+    assert eval_env.success_radius == 0.1 and eval_env.max_speed == 0.2 and eval_env.expert_aim_noise == 0.3
+    train_env.reset(seed=0), eval_env.reset(seed=0)
+    assert torch.equal(train_env.targets[0], train_env.targets[3]) and not torch.equal(train_env.targets[0],
+                                                                                         train_env.targets[4])
+    assert not torch.equal(eval_env.targets[0], eval_env.targets[1])
 
 
 # ---------------------------------------------------------------------------------------- 6. two ranks == one rank

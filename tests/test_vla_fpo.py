@@ -42,7 +42,7 @@ def test_one_update_trains_actor_and_critic_not_pi0():
     assert not any(p.requires_grad for p in policy.parameters())
     obs = env.reset(seed=0)
     batch, obs = algo.rollout(env, policy, obs)
-    assert len(batch) == 3 * 4 and batch.data["latent"].shape == (12, 10 * 32)
+    assert len(batch) == 3 * 4 and batch.data["latent"].shape == (12, 10 * 2)  # the env's real action dims
     # the stored old losses are the actor's losses on the latent actually used
     d = batch.data
     again = modules.actor.cfm_losses(d["latent"], d["cond"], d["noise"], d["tau"])

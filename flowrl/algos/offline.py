@@ -47,6 +47,9 @@ def collect_demos(env: VecEnv, horizon: int, action_dim: int, num_episodes: int,
             per_env[i].append((obs.index(torch.tensor([i])), act[i], int(goal[i])))
             rewards_so_far[i].append((float(step.reward[i]), int(step.executed[i])))
             if bool(step.done[i]):
+                if ended >= num_episodes:  # more envs than episodes still wanted: drop the extra ones
+                    per_env[i], rewards_so_far[i] = [], []
+                    continue
                 ended += 1
                 rs = rewards_so_far[i]
                 for k, (o, a, task) in enumerate(per_env[i]):

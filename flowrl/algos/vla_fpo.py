@@ -4,7 +4,9 @@
 noise latent ``x (H, D)`` that π0's own ODE then decodes into the action chunk. Pieces, each
 switchable for an ablation (config ``algo.vla_*``):
 
-* **Actor**: a velocity MLP ``v_θ(x_τ, τ | s)`` over the flattened latent, conditioned on
+* **Actor**: a velocity MLP ``v_θ(x_τ, τ | s)`` over the flattened latent of the env's real
+  action dims ``(H·A_env)`` (π0's noise in the padded dims, which only pass through attention,
+  stays a fresh ``N(0, I)`` draw: the actor steers what it can credit), conditioned on
   ``s`` = [π0's pooled prefix features, state]. Sampling: ``vla_latent_steps`` (K) Euler steps
   from ``N(0, I)`` (multi-step latent exploration: ``x^(k+1) = x^(k) + η·v_θ(x^(k), τ^(k) | s)``
   with ``η = vla_eta/K``, plus Gaussian exploration noise on the result).
@@ -115,6 +117,7 @@ class VLAFPO(Algorithm):
         self.target: QEnsemble | None = None
         self.window: list[Batch] = []
         self.dims: tuple[int, int] | None = None
+        self.dim_mask: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     def trainable_module(self, policy: Any, env: VecEnv) -> nn.Module:
@@ -122,12 +125,14 @@ class VLAFPO(Algorithm):
         c = policy.config
         for p in policy.parameters():
             p.requires_grad_(False)
+        dev = next(policy.parameters()).device
         cond_dim = c.vlm_width + c.max_state_dim
-        latent = c.action_horizon * c.action_dim
+        self.dim_mask = masks_for(env, policy, dev)[0] if env is not None else torch.ones(
+            c.action_dim, dtype=torch.bool, device=dev)
+        latent = c.action_horizon * int(self.dim_mask.sum())
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self.gen)))
         actor = LatentActor(cond_dim, latent)
         critic = QEnsemble(cond_dim, latent, max(1, self.cfg.vla_ensemble))
-        dev = next(policy.parameters()).device
         self.modules = _Modules(actor, critic).to(dev)
         self.target = copy.deepcopy(critic).requires_grad_(False)
         self.dims = (cond_dim, latent)
@@ -139,6 +144,16 @@ class VLAFPO(Algorithm):
         state = pobs.state if pobs.state is not None else torch.zeros(
             pobs.batch_size, policy.config.max_state_dim, device=dev)
         return cache, torch.cat([cache.pooled.float(), state.float()], dim=-1).detach()
+
+    def _pi0_noise(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """π0's initial noise ``(B, H, D)``: the latent ``x (B, H·A_env)`` in the real action dims,
+        a fresh ``N(0, I)`` draw in the padded ones."""
+        assert self.dim_mask is not None
+        B, D = x.shape[0], self.dim_mask.shape[0]
+        H = x.shape[1] // int(self.dim_mask.sum())
+        noise = to_device(torch.randn(B, H, D, generator=gen), x.device)
+        noise[:, :, self.dim_mask] = x.view(B, H, -1).to(noise.dtype)
+        return noise
 
     def _latent(self, cond: torch.Tensor, explore: bool) -> torch.Tensor:
         assert self.modules is not None
@@ -156,14 +171,13 @@ class VLAFPO(Algorithm):
 
     @torch.no_grad()
     def eval_noise(self, policy: Any, obs: EnvObs, gen: torch.Generator) -> torch.Tensor:
-        """The actor's exploration-free latents ``(B, H, D)`` for evaluation."""
+        """π0's initial noise ``(B, H, D)`` from the actor's exploration-free latents, for evaluation."""
         assert self.modules is not None
-        c = policy.config
         dev = next(policy.parameters()).device
         _, cond = self._cond(policy, obs, dev)
         z0 = to_device(torch.randn(cond.shape[0], self.dims[1], generator=gen), dev)
         x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, z0=z0)
-        return x.view(-1, c.action_horizon, c.action_dim)
+        return self._pi0_noise(x, gen)
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -171,7 +185,6 @@ class VLAFPO(Algorithm):
         if self.modules is None:
             raise RuntimeError("VLAFPO.rollout: call trainable_module(policy, env) first")
         dev = next(policy.parameters()).device
-        c = policy.config
         masks_for(env, policy, dev)  # dimension checks
         T, N = self.cfg.rollout_chunks, self.cfg.fpo_pairs
         assert self.modules is not None
@@ -180,7 +193,7 @@ class VLAFPO(Algorithm):
             cache, cond = self._cond(policy, o, dev)
             x = self._latent(cond, explore=True)  # (B, H·D)
             actions = policy.sample_actions(cache, mode="ode", num_steps=self.cfg.num_steps,
-                                            noise=x.view(-1, c.action_horizon, c.action_dim),
+                                            noise=self._pi0_noise(x, self.gen),
                                             return_chain=False).actions.float()
             B = x.shape[0]
             noise = to_device(torch.randn(B, N, x.shape[1], generator=self.gen), dev)

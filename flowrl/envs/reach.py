@@ -13,7 +13,9 @@ Every env is seeded from ``(seed, global env index, episode number)`` (global in
 
 A scripted expert with a controllable quality produces demonstrations for SFT and offline RL:
 with probability ``1 − quality`` an episode's expert heads for a wrong target, and its actions
-carry Gaussian noise of scale ``noise·(1 − quality)``.
+carry Gaussian noise of scale ``noise·(1 − quality)``; with ``aim_noise`` > 0 it aims, for the
+whole episode, at a point offset from its target by a Gaussian of that standard deviation per
+axis (an imprecise expert: some demonstrations miss, graded by how far they miss).
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ class ReachEnv(VecEnv):
         self.seed = 0
         self.expert_quality = 1.0
         self.expert_speed = 1.0
+        self.expert_aim_noise = 0.0
+        self.expert_offset = torch.zeros(B, 2, device=dev)
         self._color_names = list(COLORS)[:num_targets]
         self._colors = torch.tensor([COLORS[c] for c in self._color_names], device=dev)  # (T, 3)
         self._instr_tokens = torch.zeros(B, self.max_token_len, dtype=torch.int64, device=dev)
@@ -149,16 +153,22 @@ class ReachEnv(VecEnv):
         self._started = False
 
     # ------------------------------------------------------------------ episodes
-    def set_expert_quality(self, quality: float, speed: float | None = None) -> None:
+    def set_expert_quality(self, quality: float, speed: float | None = None, aim_noise: float | None = None) -> None:
         """Quality in [0, 1] of the demonstrations of episodes started from now on, and
-        optionally the expert's speed in (0, 1] (a fraction of ``max_speed``: a slow expert)."""
+        optionally the expert's speed in (0, 1] (a fraction of ``max_speed``: a slow expert) and
+        its aim noise >= 0 (standard deviation per axis, arena units, of a per-episode offset of
+        the point it heads for)."""
         if not 0.0 <= quality <= 1.0:
             raise ValueError(f"ReachEnv: expert quality must be in [0, 1], got {quality}")
         if speed is not None and not 0.0 < speed <= 1.0:
             raise ValueError(f"ReachEnv: expert speed must be in (0, 1], got {speed}")
+        if aim_noise is not None and not aim_noise >= 0.0:
+            raise ValueError(f"ReachEnv: expert aim_noise must be >= 0, got {aim_noise}")
         self.expert_quality = float(quality)
         if speed is not None:
             self.expert_speed = float(speed)
+        if aim_noise is not None:
+            self.expert_aim_noise = float(aim_noise)
 
     def _init_episodes(self, ids: torch.Tensor) -> None:
         T = self.num_targets
@@ -174,11 +184,13 @@ class ReachEnv(VecEnv):
             wrong = float(torch.rand(1, generator=g)) > self.expert_quality and T > 1
             other = (goal + 1 + int(torch.randint(max(T - 1, 1), (1,), generator=g))) % T
             phrase = int(torch.randint(len(_PHRASES), (1,), generator=g))
+            offset = torch.randn(2, generator=g) * self.expert_aim_noise  # drawn last: other draws unchanged
             self.targets[i] = tg.to(self.device)
             self.pos[i] = start.to(self.device)
             self.goal[i] = goal
             self.expert_target[i] = other if wrong else goal
             self.phrase[i] = phrase
+            self.expert_offset[i] = offset.to(self.device)
             self._instructions[i] = _PHRASES[phrase].format(self._color_names[goal])
             self.episode[i] += 1
         tok, _ = tokenize([self._instructions[i] for i in ids.tolist()], self.max_token_len, self.device)
@@ -201,7 +213,8 @@ class ReachEnv(VecEnv):
             "expert_target": self.expert_target.cpu().clone(), "phrase": self.phrase.cpu().clone(),
             "t": self.t.cpu().clone(), "ret": self.ret.cpu().clone(), "episode": self.episode.clone(),
             "seed": self.seed, "expert_quality": self.expert_quality,
-            "expert_speed": self.expert_speed, "instructions": list(self._instructions),
+            "expert_speed": self.expert_speed, "expert_aim_noise": self.expert_aim_noise,
+            "expert_offset": self.expert_offset.cpu().clone(), "instructions": list(self._instructions),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -213,6 +226,8 @@ class ReachEnv(VecEnv):
         self.episode = sd["episode"].clone()
         self.seed, self.expert_quality = int(sd["seed"]), float(sd["expert_quality"])
         self.expert_speed = float(sd.get("expert_speed", 1.0))
+        self.expert_aim_noise = float(sd.get("expert_aim_noise", 0.0))
+        self.expert_offset = sd.get("expert_offset", torch.zeros(self.num_envs, 2)).to(self.device).clone()
         self._instructions = list(sd["instructions"])
         self._instr_tokens = tokenize(self._instructions, self.max_token_len, self.device)[0]
         self._started = True
@@ -291,9 +306,10 @@ class ReachEnv(VecEnv):
 
         Heads in a straight line, at ``expert_speed`` of the full speed, for this episode's
         expert target (the goal, or a wrong target with probability ``1 − quality`` drawn at
-        episode start), then stays; adds Gaussian noise of scale ``noise·(1 − quality)``.
+        episode start) plus its aim offset (``aim_noise``), then stays; adds Gaussian noise of
+        scale ``noise·(1 − quality)``.
         """
-        tgt = self._goal_pos(self.expert_target)
+        tgt = (self._goal_pos(self.expert_target) + self.expert_offset).clamp(-1, 1)
         pos = self.pos.clone()
         out = torch.zeros(self.num_envs, horizon, 2, device=self.device)
         for h in range(horizon):
