@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[float]] = {}
     runs: dict[str, list[dict]] = {}
-    t_start = time.perf_counter()
 
     def add(name: str, r: dict) -> None:
         rows.setdefault(name, []).append(r["after"])
@@ -152,11 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         from bench_ops import _commit, _device_name  # type: ignore[import-not-found]
 
+        wall = sum(r["wall_s"] for rs in runs.values() for r in rs)
         head = (f"\n### Built-in task: success after SFT and after RL ({time.strftime('%Y-%m-%d')}, commit "
-                f"{_commit()}, {_device_name('cpu')}, {time.perf_counter() - t_start:.0f} s)\n\n"
-                f"`python benchmarks/rl_table.py --seeds {' '.join(map(str, args.seeds))} --iterations "
-                f"{args.iterations} --sft-iterations {args.sft_iterations}"
-                + (f" --set {' '.join(args.set)}" if args.set else "") + "`; task: `" + " ".join(TASK) + "`\n\n")
+                f"{_commit()}, {_device_name('cpu')}, {wall:.0f} s of runs)\n\n"
+                f"`python benchmarks/rl_table.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
+                f"iterations {args.iterations}, SFT iterations {args.sft_iterations}, {args.eval_episodes} "
+                f"evaluation episodes; the task of flowrl/configs/reach_*.yaml\n\n")
         with open(args.out, "a") as f:
             f.write(head + table + "\n")
     if args.json:

@@ -128,12 +128,12 @@ def test_sft_learns_the_easy_variant(tmp_path):
     """SFT on perfect demos of the trivially easy variant (one target, its position and the goal in the state).
 
     Tuned for speed: 2 iterations x 25 steps of batch 32 at lr 1e-3 (the default 3e-4 is too slow for this
-    budget; 2 x 15 steps at 3e-3 only reached 0.06 -> 0.125) on 16 demo episodes, 16 evaluation episodes
+    budget; 2 x 15 steps at 3e-3 only reached 0.06 -> 0.125) on 32 demo episodes, 16 evaluation episodes
     of at most 20 steps. Untrained, the tiny policy succeeds in ~6 % of them (fixed seeds: deterministic).
     """
     res = _run(tmp_path / "run", "algo.name=sft", "env.state_with_goal=true", "env.num_targets=1",
                "env.expert_quality=1.0", "env.num_envs=16", "env.max_episode_steps=20", "eval_episodes=16",
-               "checkpoint_every=0", "iterations=2", "algo.sft_steps=25", "algo.sft_batch=32", "algo.num_demos=16",
+               "checkpoint_every=0", "iterations=2", "algo.sft_steps=25", "algo.sft_batch=32", "algo.num_demos=32",
                "algo.sft_lr=1e-3", "seed=0")
     before, after = res["eval_before"]["success_rate"], res["eval_after"]["success_rate"]
     cfm = [h["cfm_loss"] for h in res["history"]]
