@@ -60,7 +60,7 @@ ALGOS = ("fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo", "sft", "arf
 CONFIGS = Path(__file__).resolve().parents[1] / "flowrl" / "configs"
 #: ``--quick``: the smallest sizes that still run every code path (a smoke test, not a measurement)
 QUICK = ["env.num_envs=4", "env.max_episode_steps=10", "algo.rollout_chunks=2", "algo.minibatch_size=4",
-         "algo.epochs=1", "algo.fpo_pairs=2", "algo.num_steps=2", "algo.group_size=2", "algo.num_demos=2",
+         "algo.epochs=1", "algo.fpo_pairs=2", "algo.num_steps=2", "algo.group_size=2", "algo.num_demos=4",
          "algo.sft_batch=4", "algo.sft_steps=2"]
 LIBERO = ["env.name=libero", "env.num_envs=2", "env.suite=libero_spatial", "env.task_ids=[0,1]",
           "env.image_size=64", "env.fast_render=true", "env.settle_steps=5", "env.chunk_steps=5"]
