@@ -221,11 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"initial noise: {noise_name}; checkpoint {ck}")
     else:
         cfg.env.num_envs = args.num_envs or 32
-        if hasattr(cfg.env, "pipeline_groups"):  # evaluate() steps one env: no pipelining
-            cfg.env.pipeline_groups = 1
         from flowrl.train import build_env
 
-        env = build_env(cfg, for_eval=True)
+        env = build_env(cfg, for_eval=True)  # one group (evaluate() steps every env at once)
         try:
             if vla:
                 noise_fn, noise_name = load_vla_fpo_noise(ck, policy, cfg, env), "vla_fpo latent actor"

@@ -60,11 +60,11 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
               pipeline_groups: int | None = None, for_eval: bool = False) -> Any:
     """This rank's vectorized env: a :class:`~flowrl.envs.PipelinedEnv` of ``pipeline_groups``
     (default ``env.pipeline_groups``) sub-envs when that is > 1, holding consecutive global env
-    indices (the same episodes as one env). Evaluation envs take 1: ``evaluate`` steps every env
-    at once, so groups would not overlap anything. ``for_eval``: every env its own scene (no GRPO
-    groups), so every algorithm is evaluated on the same episodes."""
+    indices (the same episodes as one env). ``for_eval``: an evaluation env, one group (``evaluate``
+    steps every env at once, so groups would not overlap anything) and every env its own scene (no
+    GRPO groups), so every algorithm is evaluated on the same episodes."""
     e = cfg.env
-    groups = e.pipeline_groups if pipeline_groups is None else pipeline_groups
+    groups = 1 if for_eval else e.pipeline_groups if pipeline_groups is None else pipeline_groups
     if groups < 1 or e.num_envs % groups:
         raise ConfigError(f"env.pipeline_groups={groups} must be >= 1 and divide env.num_envs={e.num_envs}")
     part = e.num_envs // groups
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     from flowrl.eval import evaluate
 
     def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
-        return build_env(cfg, rank, dev, pipeline_groups=1, for_eval=True)
+        return build_env(cfg, rank, dev, for_eval=True)
 
     result: dict[str, Any] = {}
     if cfg.eval_episodes and start_iter == 0:
