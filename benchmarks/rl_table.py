@@ -37,7 +37,7 @@ TASK = ["tensorboard=false", "plot=false"]
 RL_ALGOS = ("fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo")
 ABLATIONS = {"vla_fpo (no clipping)": ["algo.vla_clip=false"], "vla_fpo (K = 1)": ["algo.vla_latent_steps=1"],
              "vla_fpo (single critic)": ["algo.vla_ensemble=1"]}
-CONFIG = {"fpo": "reach_fpo.yaml", "vla_fpo": "reach_fpo.yaml", "flow_noise_ppo": "reach_flow_noise_ppo.yaml",
+CONFIG = {"fpo": "reach_fpo.yaml", "vla_fpo": "reach_vla_fpo.yaml", "flow_noise_ppo": "reach_flow_noise_ppo.yaml",
           "flow_sde_ppo": "reach_flow_sde_ppo.yaml", "grpo": "reach_grpo.yaml", "sft": "reach_sft.yaml",
           "arfm": "reach_arfm.yaml"}
 

@@ -73,6 +73,8 @@ class AlgoConfig:
     num_steps: int = 4  # K denoising steps
     lr: float = 3e-4  # the RL phase's actor learning rate
     sft_lr: float = 1e-3  # SFT / ARFM (and the SFT warm-up) learning rate
+    # constant | cosine (per iteration, from sft_lr towards 0 over the offline phase's iterations)
+    sft_lr_schedule: str = "constant"
     critic_lr: float = 1e-3
     epochs: int = 4
     minibatch_size: int = 64  # per rank, in chunks
@@ -101,12 +103,13 @@ class AlgoConfig:
     group_size: int = 4
     grpo_likelihood: str = "fpo"  # fpo | flow_noise | flow_sde
     # VLA-FPO
-    vla_beta: float = 1.0
+    vla_beta: float = 0.1  # z is standardized: β·z beyond ±clip is clipped (β 1: ~84 % at clip 0.2)
     vla_latent_steps: int = 2
     vla_eta: float = 0.5
     vla_ensemble: int = 2
     vla_tau: float = 0.01
     vla_clip: bool = True
+    vla_spo: bool = False  # the trust region in SPO's penalty form instead of clipping (with vla_clip)
     # ARFM / SFT
     arfm_lambda: float = 5e-4
     sft_steps: int = 20  # SFT / ARFM gradient steps per iteration
@@ -250,6 +253,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if not (cfg.env.success_radius > 0 and cfg.env.max_speed > 0):
         raise ConfigError(f"env.success_radius and env.max_speed must be > 0, got {cfg.env.success_radius}, "
                           f"{cfg.env.max_speed}")
+    if a.sft_lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"algo.sft_lr_schedule must be constant or cosine, got {a.sft_lr_schedule!r}")
     if a.critic_side not in ("auto", "expert", "vlm"):
         raise ConfigError(f"algo.critic_side must be auto, expert or vlm, got {a.critic_side!r}")
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):

@@ -168,6 +168,17 @@ def _init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def offline_lr(cfg: TrainConfig, it: int) -> float:
+    """The SFT / ARFM learning rate of iteration ``it``: ``algo.sft_lr``, or with ``algo.sft_lr_schedule
+    = cosine`` ``sft_lr · (1 + cos(π·i/n))/2`` for the i-th of the n offline iterations (the SFT warm-up's
+    ``sft_iterations``, or ``iterations`` when SFT / ARFM is the run's algorithm)."""
+    a = cfg.algo
+    if a.sft_lr_schedule == "constant":
+        return a.sft_lr
+    i, n = (it, cfg.sft_iterations) if it < cfg.sft_iterations else (it - cfg.sft_iterations, cfg.iterations)
+    return a.sft_lr * 0.5 * (1.0 + math.cos(math.pi * i / max(n, 1)))
+
+
 def _ds_config(cfg: TrainConfig) -> dict[str, Any]:
     bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     return {
@@ -276,7 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             obs = env.reset(seed=cfg.seed * 1000 + rank + 1)
             if rank == 0:
                 log(f"[flowrl] success after SFT: {result['eval_after_sft']['success_rate']:.3f}")
-        opt.param_groups[0]["lr"] = cfg.algo.sft_lr if algo.name in ("sft", "arfm") else cfg.algo.lr
+        opt.param_groups[0]["lr"] = offline_lr(cfg, it) if algo.name in ("sft", "arfm") else cfg.algo.lr
         t0 = time.perf_counter()
         policy.eval()
         batch, obs = algo.rollout(env, policy, obs)

@@ -357,3 +357,35 @@ def test_cli_vla_fpo_without_latent_actor_fails_loudly(vla_fpo_checkpoint, tmp_p
     (ck / "latent_actor.safetensors").unlink()
     with pytest.raises(ValueError, match=r"latent_actor\.safetensors"):
         main(["--checkpoint", str(ck), "--episodes", "2", "--num-envs", "2"])
+
+
+def test_noise_sensitivity_scale_one_is_the_plain_evaluation(vla_fpo_checkpoint, tmp_path):
+    """benchmarks/noise_sensitivity.py: scale 1 is exactly the default N(0, I) evaluation of π0; a missing
+    checkpoint fails with its path."""
+    import sys
+    from pathlib import Path
+
+    from flowrl.config import TrainConfig, apply_overrides
+    from flowrl.eval import evaluate
+    from flowrl.models import from_pretrained
+    from flowrl.train import build_env
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from noise_sensitivity import main, success_by_scale
+
+    ck = vla_fpo_checkpoint
+    r = success_by_scale(ck, [1.0, 0.0], episodes=8, num_envs=4, seed=3)
+    saved = json.loads((ck / "train_config.json").read_text())
+    cfg = apply_overrides(TrainConfig(), {"env": saved["env"]})
+    cfg.env.num_envs = 4
+    env = build_env(cfg, for_eval=True)
+    want = evaluate(from_pretrained(str(ck / "policy")).eval(), env, 8, 3, saved["algo"]["num_steps"])
+    assert r[0] == want["success_rate"]
+    assert 0.0 <= r[1] <= 1.0
+    out = tmp_path / "t.md"
+    table = main([str(ck), "--scales", "0", "1", "--episodes", "4", "--num-envs", "4", "--out", str(out)])
+    assert table.count("\n") == 2 and "success at 1·N(0, I)" in out.read_text()
+    with pytest.raises(SystemExit, match="does not exist"):
+        main([str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="scales"):
+        main([str(ck), "--scales", "-1"])

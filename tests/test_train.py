@@ -225,7 +225,24 @@ BAD_CLI = {
     "expert speed": (["env.expert_speed=0"], "env.expert_speed must be in (0, 1]"),
     "aim noise": (["env.expert_aim_noise=-1"], "env.expert_aim_noise must be >= 0"),
     "reach radius": (["env.success_radius=0"], "env.success_radius and env.max_speed must be > 0"),
+    "sft lr schedule": (["algo.sft_lr_schedule=linear"], "algo.sft_lr_schedule must be constant or cosine"),
 }
+
+
+def test_offline_lr_schedule():
+    """SFT / ARFM learning rate per iteration: constant, or cosine over the offline phase's iterations (the SFT
+    warm-up's, or the run's when SFT / ARFM is the algorithm); a function of the iteration alone (resume)."""
+    from flowrl.config import TrainConfig
+    from flowrl.train import offline_lr
+
+    cfg = TrainConfig()
+    cfg.algo.sft_lr, cfg.sft_iterations, cfg.iterations = 2e-3, 4, 10
+    assert [offline_lr(cfg, i) for i in range(4)] == [2e-3] * 4
+    cfg.algo.sft_lr_schedule = "cosine"
+    lrs = [offline_lr(cfg, i) for i in range(4)]
+    assert lrs[0] == 2e-3 and abs(lrs[2] - 1e-3) < 1e-12 and 0 < lrs[3] < lrs[2] < lrs[1] < lrs[0]
+    cfg.sft_iterations = 0  # a standalone SFT / ARFM run: over `iterations`
+    assert abs(offline_lr(cfg, 5) - 1e-3) < 1e-12 and offline_lr(cfg, 0) == 2e-3
 
 
 @pytest.mark.parametrize("case", list(BAD_CLI))

@@ -75,3 +75,25 @@ def test_ablation_switches():
         assert torch.isfinite(loss)
         if kw.get("vla_ensemble") == 1:
             assert len(modules.value_critic.heads) == 1 and stats["ensemble_disagreement"] == 0.0
+
+
+def test_spo_form_of_the_trust_region():
+    """``vla_spo``: the policy loss is SPO's penalty form on the same standardized ratio exp(β·z)."""
+    from flowrl.algos import losses as L
+
+    env, policy, algo = _setup(vla_spo=True, vla_beta=0.3)
+    modules = algo.trainable_module(policy, env)
+    batch, _ = algo.rollout(env, policy, env.reset(seed=2))
+    mb = next(iter(algo.minibatches(batch)))
+    with torch.no_grad():  # move the actor so that the ratio is not 1
+        modules.actor.net[-1].bias.add_(0.3)
+    loss, stats = algo.loss(modules, mb)
+    d = mb.data
+    new = modules.actor.cfm_losses(d["latent"], d["cond"], d["noise"], d["tau"])
+    delta = (d["loss_old"] - new).mean(dim=1)
+    ratio = torch.exp(0.3 * (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6))
+    want = L.spo_policy_loss(ratio, L.normalize(d["adv"]), algo.cfg.clip)
+    assert abs(stats["policy_loss"] - float(want)) < 1e-5
+    assert (ratio - 1).abs().max() > 0.01
+    loss.backward()
+    assert modules.actor.net[-1].weight.grad.abs().sum() > 0
