@@ -13,7 +13,6 @@ Prints one markdown row per checkpoint; ``--out`` appends the table (with commit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,24 +25,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(1, str(ROOT))  # flowrl from a source checkout
 
 
-def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_envs: int, seed: int) -> list[float]:
+def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_envs: int,
+                     seed: int) -> tuple[list[float], int]:
     """Success rate ``[len(scales)]`` of ``checkpoint`` (a trainer checkpoint ``iter_N/``) with initial
-    noise ``s · N(0, I)``, on the env of its run's ``train_config.json``."""
-    from flowrl.config import AlgoConfig, TrainConfig, apply_overrides
-    from flowrl.eval import evaluate
+    noise ``s · N(0, I)``, on the env of its run's ``train_config.json``; and the run's ``num_demos``."""
+    from flowrl.eval import evaluate, run_config
     from flowrl.models import from_pretrained
     from flowrl.train import build_env
 
-    found = next((d / "train_config.json" for d in (checkpoint, checkpoint.parent, checkpoint.parent.parent)
-                  if (d / "train_config.json").is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"no train_config.json beside or above {checkpoint}")
-    saved = json.loads(found.read_text())
-    if saved["env"].get("name", "reach") != "reach":
-        raise ValueError(f"{checkpoint}: only reaching-task runs are supported, got env {saved['env']['name']!r}")
-    cfg = TrainConfig()
-    known = set(AlgoConfig.__dataclass_fields__)
-    apply_overrides(cfg, {"env": saved["env"], "algo": {k: v for k, v in saved["algo"].items() if k in known}})
+    cfg, saved = run_config(checkpoint)
+    if saved is None:
+        raise FileNotFoundError(f"no train_config.json in {checkpoint} or one level up")
+    if cfg.env.name != "reach":
+        raise ValueError(f"{checkpoint}: only reaching-task runs are supported, got env {cfg.env.name!r}")
     cfg.env.num_envs = num_envs
     policy = from_pretrained(str(checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint)).eval()
     env = build_env(cfg, for_eval=True)
@@ -56,7 +50,7 @@ def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_e
             out.append(evaluate(policy, env, episodes, seed, cfg.algo.num_steps, noise)["success_rate"])
     finally:
         env.close()
-    return out
+    return out, cfg.algo.num_demos
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -76,10 +70,7 @@ def main(argv: list[str] | None = None) -> str:
         ck = Path(c)
         if not ck.is_dir():
             raise SystemExit(f"noise_sensitivity: checkpoint directory {ck} does not exist")
-        cfgf = next((d / "train_config.json" for d in (ck, ck.parent, ck.parent.parent)
-                     if (d / "train_config.json").is_file()), None)
-        demos = json.loads(cfgf.read_text())["algo"].get("num_demos", "?") if cfgf else "?"
-        r = success_by_scale(ck, args.scales, args.episodes, args.num_envs, args.seed)
+        r, demos = success_by_scale(ck, args.scales, args.episodes, args.num_envs, args.seed)
         lines.append(f"| {c} | {demos} | " + " | ".join(f"{v:.3f}" for v in r) + " |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from flowrl.algos.base import to_policy_obs
 from flowrl.envs.base import VecEnv
 
-__all__ = ["eval_actions", "evaluate", "load_vla_fpo_noise", "main", "wilson_interval"]
+__all__ = ["eval_actions", "evaluate", "load_vla_fpo_noise", "main", "run_config", "wilson_interval"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -135,12 +136,29 @@ def load_vla_fpo_noise(ckpt: Any, policy: Any, cfg: Any, env: Any = None) -> Any
     return algo.eval_noise  # type: ignore[attr-defined]
 
 
+def run_config(checkpoint: Path) -> tuple[Any, dict[str, Any] | None]:
+    """The run's ``TrainConfig`` (its env and algorithm settings; defaults elsewhere) from the
+    ``train_config.json`` beside ``checkpoint`` or one level up, and that file's dict (``None``, with a
+    default config, when there is none)."""
+    import json
+
+    from flowrl.config import AlgoConfig, TrainConfig, apply_overrides
+
+    found = next((d / "train_config.json" for d in (checkpoint, checkpoint.parent)
+                  if (d / "train_config.json").is_file()), None)
+    saved = json.loads(found.read_text()) if found is not None else None
+    cfg = TrainConfig()
+    if saved is not None:
+        known = set(AlgoConfig.__dataclass_fields__)
+        apply_overrides(cfg, {"env": saved["env"], "algo": {k: v for k, v in saved["algo"].items() if k in known}})
+    return cfg, saved
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The eval CLI (see the module docstring); returns the result dict (also written by ``--json``)."""
     import json
-    from pathlib import Path
 
-    from flowrl.config import AlgoConfig, TrainConfig, apply_overrides
+    from flowrl.config import TrainConfig
     from flowrl.models import from_pretrained
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,12 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ck = Path(args.checkpoint)
     if not ck.is_dir():
         raise SystemExit(f"flowrl.eval: checkpoint directory {ck} does not exist")
-    run_cfg = next((d / "train_config.json" for d in (ck, ck.parent) if (d / "train_config.json").is_file()), None)
-    saved = json.loads(run_cfg.read_text()) if run_cfg is not None else None
-    cfg = TrainConfig()
-    if saved is not None:  # the env the policy was trained on, and its algorithm's settings
-        known = {f for f in AlgoConfig.__dataclass_fields__}
-        apply_overrides(cfg, {"env": saved["env"], "algo": {k: v for k, v in saved["algo"].items() if k in known}})
+    cfg, saved = run_config(ck)
     libero = args.suite is not None or cfg.env.name == "libero"
     if libero:  # bad arguments fail before anything is loaded
         from flowrl.eval_libero import check_libero_args

@@ -374,7 +374,7 @@ def test_noise_sensitivity_scale_one_is_the_plain_evaluation(vla_fpo_checkpoint,
     from noise_sensitivity import main, success_by_scale
 
     ck = vla_fpo_checkpoint
-    r = success_by_scale(ck, [1.0, 0.0], episodes=8, num_envs=4, seed=3)
+    r, _ = success_by_scale(ck, [1.0, 0.0], episodes=8, num_envs=4, seed=3)
     saved = json.loads((ck / "train_config.json").read_text())
     cfg = apply_overrides(TrainConfig(), {"env": saved["env"]})
     cfg.env.num_envs = 4
