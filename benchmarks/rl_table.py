@@ -4,7 +4,7 @@ For every seed: SFT on the scripted expert's imperfect demonstrations (``sft_ite
 iterations, evaluated), then each online algorithm started from that SFT checkpoint for the
 same number of iterations (the same env-step budget: ``iterations · num_envs · rollout_chunks ·
 chunk_steps``), ARFM on the same offline data as SFT, and the VLA-FPO ablation (no clipping,
-K = 1 latent step, a single critic). Every run is a separate ``python flowrl/train.py``
+K = 1 latent step, a single critic, the paper's standardized ratio). Every run is a separate ``python flowrl/train.py``
 process; success is the trainer's own evaluation (``eval_episodes`` episodes, ODE sampling).
 
     python benchmarks/rl_table.py --seeds 0 1 2 --out benchmarks/RESULTS.md
@@ -36,7 +36,8 @@ sys.path.insert(1, str(ROOT))  # flowrl from a source checkout
 TASK = ["tensorboard=false", "plot=false"]
 RL_ALGOS = ("fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo")
 ABLATIONS = {"vla_fpo (no clipping)": ["algo.vla_clip=false"], "vla_fpo (K = 1)": ["algo.vla_latent_steps=1"],
-             "vla_fpo (single critic)": ["algo.vla_ensemble=1"]}
+             "vla_fpo (single critic)": ["algo.vla_ensemble=1"],
+             "vla_fpo (standardized ratio)": ["algo.vla_ratio=standardized"]}
 CONFIG = {"fpo": "reach_fpo.yaml", "vla_fpo": "reach_vla_fpo.yaml", "flow_noise_ppo": "reach_flow_noise_ppo.yaml",
           "flow_sde_ppo": "reach_flow_sde_ppo.yaml", "grpo": "reach_grpo.yaml", "sft": "reach_sft.yaml",
           "arfm": "reach_arfm.yaml"}
@@ -51,7 +52,7 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
         r = json.loads(done.read_text())
         if log:
             print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  (reused {done})", flush=True)
-        return r
+        return {**r, "reused": True}
     config = ROOT / "flowrl" / "configs" / CONFIG[algo]
     cmd = [sys.executable, str(ROOT / "flowrl" / "train.py"), "--config", str(config),
            f"run_dir={run_dir}", f"algo.name={algo}", *TASK, *overrides]
@@ -70,7 +71,10 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
     if mf.is_file():
         steps = sum(json.loads(line).get("env_steps", 0.0) for line in mf.read_text().splitlines()
                     if not json.loads(line).get("phase_sft"))
-    r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall}
+    from bench_ops import _commit  # type: ignore[import-not-found]
+
+    r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall,
+         "commit": _commit()}
     done.write_text(json.dumps(r))
     if log:
         print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  env steps {steps:.0f}  {wall:.0f} s",
@@ -99,7 +103,8 @@ def grpo_envs(overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--algos", nargs="+", default=list(RL_ALGOS), choices=RL_ALGOS)
+    p.add_argument("--algos", nargs="*", default=list(RL_ALGOS), choices=RL_ALGOS,
+                   help="online algorithms (none: only SFT and ARFM)")
     p.add_argument("--no-arfm", action="store_true")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--sft-iterations", type=int, default=15)
@@ -152,11 +157,15 @@ def main(argv: list[str] | None = None) -> dict:
         from bench_ops import _commit, _device_name  # type: ignore[import-not-found]
 
         wall = sum(r["wall_s"] for rs in runs.values() for r in rs)
+        reused = [f"{n} ({', '.join(sorted({r.get('commit', 'commit not recorded') for r in rs}))})"
+                  for n, rs in runs.items() if any(r.get("reused") for r in rs)]
         head = (f"\n### Built-in task: success after SFT and after RL ({time.strftime('%Y-%m-%d')}, commit "
                 f"{_commit()}, {_device_name('cpu')}, {wall:.0f} s of runs)\n\n"
                 f"`python benchmarks/rl_table.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
                 f"iterations {args.iterations}, SFT iterations {args.sft_iterations}, {args.eval_episodes} "
-                f"evaluation episodes; the task of flowrl/configs/reach_*.yaml\n\n")
+                f"evaluation episodes; the task of flowrl/configs/reach_*.yaml"
+                + (f"; rows reused from earlier runs in {args.work_dir} (`--reuse`; the commit they ran at): "
+                   f"{', '.join(reused)}" if reused else "") + "\n\n")
         with open(args.out, "a") as f:
             f.write(head + table + "\n")
     if args.json:

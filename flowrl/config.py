@@ -105,11 +105,12 @@ class AlgoConfig:
     # VLA-FPO
     vla_beta: float = 0.1  # z is standardized: β·z beyond ±clip is clipped (β 1: ~84 % at clip 0.2)
     vla_latent_steps: int = 2
-    vla_eta: float = 0.5
+    vla_eta: float = 1.0  # 1: the latent sampler walks the actor's whole flow (0.5 keeps > 1/3 of its initial noise)
     vla_ensemble: int = 2
     vla_tau: float = 0.01
     vla_clip: bool = True
     vla_spo: bool = False  # the trust region in SPO's penalty form instead of clipping (with vla_clip)
+    vla_ratio: str = "standardized"  # standardized: exp(β·z) (the paper) | absolute: exp(β·Δℓ) (a trust region)
     # ARFM / SFT
     arfm_lambda: float = 5e-4
     sft_steps: int = 20  # SFT / ARFM gradient steps per iteration
@@ -253,6 +254,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if not (cfg.env.success_radius > 0 and cfg.env.max_speed > 0):
         raise ConfigError(f"env.success_radius and env.max_speed must be > 0, got {cfg.env.success_radius}, "
                           f"{cfg.env.max_speed}")
+    if a.vla_ratio not in ("standardized", "absolute"):
+        raise ConfigError(f"algo.vla_ratio must be standardized or absolute, got {a.vla_ratio!r}")
     if a.sft_lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"algo.sft_lr_schedule must be constant or cosine, got {a.sft_lr_schedule!r}")
     if a.critic_side not in ("auto", "expert", "vlm"):

@@ -226,6 +226,7 @@ BAD_CLI = {
     "aim noise": (["env.expert_aim_noise=-1"], "env.expert_aim_noise must be >= 0"),
     "reach radius": (["env.success_radius=0"], "env.success_radius and env.max_speed must be > 0"),
     "sft lr schedule": (["algo.sft_lr_schedule=linear"], "algo.sft_lr_schedule must be constant or cosine"),
+    "vla ratio": (["algo.vla_ratio=raw"], "algo.vla_ratio must be standardized or absolute"),
 }
 
 

@@ -97,3 +97,27 @@ def test_spo_form_of_the_trust_region():
     assert (ratio - 1).abs().max() > 0.01
     loss.backward()
     assert modules.actor.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_ratio_kinds_and_the_trust_region():
+    """``vla_ratio``: the paper's standardized exp(β·z) has unit-std z whatever Δℓ's scale; the
+    absolute exp(β·Δℓ) is 1 when the actor has not moved and scales with the update."""
+    from flowrl.algos.vla_fpo import vla_ratio
+
+    d = torch.tensor([0.1, -0.2, 0.3, 0.0])
+    small, big = vla_ratio(d, 1.0), vla_ratio(100 * d, 1.0)
+    assert torch.allclose(small, big, rtol=1e-4)  # standardized: blind to the size of the update
+    a_small, a_big = vla_ratio(d, 1.0, "absolute"), vla_ratio(100 * d, 1.0, "absolute")
+    assert torch.allclose(a_small, torch.exp(d)) and torch.allclose(a_big, torch.exp(100 * d))
+    assert torch.equal(vla_ratio(torch.zeros(5), 2.0, "absolute"), torch.ones(5))
+    import pytest
+
+    with pytest.raises(ValueError, match="vla_ratio"):
+        vla_ratio(d, 1.0, "raw")
+    # one update with the absolute ratio: finite, and an unmoved actor's first minibatch has ρ = 1
+    env, policy, algo = _setup(vla_ratio="absolute", vla_beta=1.0)
+    modules = algo.trainable_module(policy, env)
+    batch, _ = algo.rollout(env, policy, env.reset(seed=2))
+    mb = next(iter(algo.minibatches(batch)))
+    loss, stats = algo.loss(modules, mb)
+    assert torch.isfinite(loss) and abs(stats["ratio_mean"] - 1.0) < 1e-5 and stats["clip_frac"] == 0.0

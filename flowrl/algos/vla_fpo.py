@@ -44,7 +44,26 @@ from flowrl.algos.fpo import sample_tau
 from flowrl.algos.onpolicy import episode_stats
 from flowrl.envs.base import EnvObs, VecEnv
 
-__all__ = ["VLAFPO", "LatentActor", "QEnsemble"]
+__all__ = ["VLAFPO", "LatentActor", "QEnsemble", "vla_ratio"]
+
+
+def vla_ratio(delta: torch.Tensor, beta: float, kind: str = "standardized") -> torch.Tensor:
+    """The latent actor's per-sample ratio ``(n,)`` from its CFM-loss improvements ``delta (n,)``.
+
+    * ``"standardized"`` (the paper's form): ``exp(β·z)``, ``z = (Δℓ − mean)/std`` over the
+      minibatch. z has unit std whatever the size of the update, so clipping bounds only the
+      tails (β·|z| > ε), never the update itself; and at the first minibatch of an iteration
+      Δℓ ≈ 0, so z is rounding noise divided by ~1e-6.
+    * ``"absolute"``: ``exp(β·Δℓ)``, FPO's per-sample ratio on the latent actor: ρ = 1 when the
+      actor has not moved and leaves ``[1 − ε, 1 + ε]`` as it moves, so the clipped surrogate is
+      a trust region.
+    """
+    if kind == "absolute":
+        return torch.exp(beta * delta)
+    if kind == "standardized":
+        z = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)
+        return torch.exp(beta * z)
+    raise ValueError(f"vla_ratio: expected 'standardized' or 'absolute', got {kind!r}")
 
 
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -246,8 +265,7 @@ class VLAFPO(Algorithm):
         actor, critic = modules.actor, modules.value_critic
         new = actor.cfm_losses(d["latent"], d["cond"], d["noise"], d["tau"])  # (n, N)
         delta = (d["loss_old"] - new).mean(dim=1)
-        z = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)
-        ratio = torch.exp(self.cfg.vla_beta * z)
+        ratio = vla_ratio(delta, self.cfg.vla_beta, self.cfg.vla_ratio)
         adv = L.normalize(d["adv"])
         if self.cfg.vla_clip and self.cfg.vla_spo:
             pl = L.spo_policy_loss(ratio, adv, self.cfg.clip)
