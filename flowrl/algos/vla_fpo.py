@@ -47,7 +47,7 @@ from flowrl.envs.base import EnvObs, VecEnv
 __all__ = ["VLAFPO", "LatentActor", "QEnsemble", "vla_ratio"]
 
 
-def vla_ratio(delta: torch.Tensor, beta: float, kind: str = "standardized") -> torch.Tensor:
+def vla_ratio(delta: torch.Tensor, beta: float, kind: str = "standardized", clamp: float = 3.0) -> torch.Tensor:
     """The latent actor's per-sample ratio ``(n,)`` from its CFM-loss improvements ``delta (n,)``.
 
     * ``"standardized"`` (the paper's form): ``exp(β·z)``, ``z = (Δℓ − mean)/std`` over the
@@ -56,10 +56,11 @@ def vla_ratio(delta: torch.Tensor, beta: float, kind: str = "standardized") -> t
       Δℓ ≈ 0, so z is rounding noise divided by ~1e-6.
     * ``"absolute"``: ``exp(β·Δℓ)``, FPO's per-sample ratio on the latent actor: ρ = 1 when the
       actor has not moved and leaves ``[1 − ε, 1 + ε]`` as it moves, so the clipped surrogate is
-      a trust region.
+      a trust region. ``β·Δℓ`` is clamped to ``±clamp`` before the exponential, as FPO clamps
+      its log-ratio (without clipping, the ablation, the ratio would otherwise overflow).
     """
     if kind == "absolute":
-        return torch.exp(beta * delta)
+        return torch.exp((beta * delta).clamp(-clamp, clamp))
     if kind == "standardized":
         z = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)
         return torch.exp(beta * z)
@@ -265,7 +266,7 @@ class VLAFPO(Algorithm):
         actor, critic = modules.actor, modules.value_critic
         new = actor.cfm_losses(d["latent"], d["cond"], d["noise"], d["tau"])  # (n, N)
         delta = (d["loss_old"] - new).mean(dim=1)
-        ratio = vla_ratio(delta, self.cfg.vla_beta, self.cfg.vla_ratio)
+        ratio = vla_ratio(delta, self.cfg.vla_beta, self.cfg.vla_ratio, self.cfg.fpo_clamp)
         adv = L.normalize(d["adv"])
         if self.cfg.vla_clip and self.cfg.vla_spo:
             pl = L.spo_policy_loss(ratio, adv, self.cfg.clip)
