@@ -107,8 +107,8 @@ def test_ratio_kinds_and_the_trust_region():
     d = torch.tensor([0.1, -0.2, 0.3, 0.0])
     small, big = vla_ratio(d, 1.0), vla_ratio(100 * d, 1.0)
     assert torch.allclose(small, big, rtol=1e-4)  # standardized: blind to the size of the update
-    a_small, a_big = vla_ratio(d, 1.0, "absolute"), vla_ratio(100 * d, 1.0, "absolute")
-    assert torch.allclose(a_small, torch.exp(d)) and torch.allclose(a_big, torch.exp(100 * d))
+    a_small, a_big = vla_ratio(d, 1.0, "absolute"), vla_ratio(5 * d, 1.0, "absolute")
+    assert torch.allclose(a_small, torch.exp(d)) and torch.allclose(a_big, torch.exp(5 * d))
     assert torch.equal(vla_ratio(torch.zeros(5), 2.0, "absolute"), torch.ones(5))
     assert torch.allclose(vla_ratio(torch.tensor([50.0, -50.0]), 1.0, "absolute", clamp=3.0),
                           torch.exp(torch.tensor([3.0, -3.0])))  # clamped like FPO's log-ratio
