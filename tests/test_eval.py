@@ -389,3 +389,16 @@ def test_noise_sensitivity_scale_one_is_the_plain_evaluation(vla_fpo_checkpoint,
         main([str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="scales"):
         main([str(ck), "--scales", "-1"])
+    # best of M draws: M = 1 is the plain evaluation; more draws of the same scenes never do worse
+    # within one round of num_envs episodes (its first draw is the plain evaluation's)
+    from noise_sensitivity import best_of, best_of_draws
+
+    assert best_of(ck, 1, episodes=8, num_envs=4, seed=3) == want["success_rate"]
+    one = best_of(ck, 1, episodes=4, num_envs=4, seed=5)
+    assert best_of(ck, 3, episodes=4, num_envs=4, seed=5) >= one
+    with pytest.raises(ValueError, match="draws"):
+        best_of_draws(None, env, 4, 0, 2, 0)
+    table = main([str(ck), "--scales", "1", "--best-of", "2", "--episodes", "4", "--num-envs", "4"])
+    assert "best of 2 N(0, I) draws" in table
+    with pytest.raises(SystemExit, match="best-of"):
+        main([str(ck), "--best-of", "-1"])
