@@ -9,14 +9,16 @@ switchable for an ablation (config ``algo.vla_*``):
   stays a fresh ``N(0, I)`` draw: the actor steers what it can credit), conditioned on
   ``s`` = [π0's pooled prefix features, state]. Sampling: ``vla_latent_steps`` (K) Euler steps
   from ``N(0, I)`` (multi-step latent exploration: ``x^(k+1) = x^(k) + η·v_θ(x^(k), τ^(k) | s)``
-  with ``η = vla_eta/K``, plus Gaussian exploration noise on the result).
+  with step ``vla_eta/K``, η = 1 walking the whole flow, plus Gaussian exploration noise on the result).
 * **Per-sample CFM signal**: at rollout, N (τ, ε) pairs are drawn per sample and the actor's
   CFM losses ``ℓ_old`` on the exact latent used for control are stored; at update
-  ``Δℓ = ℓ_old − ℓ_new``, ``z = (Δℓ − mean)/std`` over the minibatch, ratio ``ρ = exp(β·z)``
-  (β = ``vla_beta``), clipped surrogate (``vla_clip``) with minibatch-standardized advantages.
-  Because z has unit std whatever the step size, β alone sets the share of clipped samples:
-  β = 1 clips ~84 % of them at ε = 0.2 (almost no gradient left; measured clip fraction ~0.8 on
-  the built-in task), so the default is β = 0.1 (~5 %).
+  ``Δℓ = ℓ_old − ℓ_new`` and the ratio (``vla_ratio``, see :func:`vla_ratio`): the paper's
+  ``ρ = exp(β·z)``, ``z = (Δℓ − mean)/std`` over the minibatch (β = ``vla_beta``), or
+  ``ρ = exp(β·Δℓ)``; clipped surrogate (``vla_clip``) with minibatch-standardized advantages.
+  With the standardized ratio, z has unit std whatever the step size, so β alone sets the share
+  of clipped samples (β = 1 clips ~84 % at ε = 0.2, hence its default β = 0.1) and clipping bounds
+  no update: on the built-in task it collapses at lr 2e-3 where the absolute ratio learns
+  (benchmarks/RESULTS.md); flowrl/configs/reach_vla_fpo.yaml uses the absolute one.
   The gradient flows through ρ (the paper says it stops it there, which would leave the actor
   without a gradient; we keep it and note the choice).
 * **Q-ensemble critic**: M = ``vla_ensemble`` heads ``Q_i(s, x)``; TD targets
