@@ -17,7 +17,6 @@ Prints one markdown row per checkpoint; ``--out`` appends the table (with commit
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,11 +29,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(1, str(ROOT))  # flowrl from a source checkout
 
 
-def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_envs: int,
-                     seed: int) -> tuple[list[float], int]:
-    """Success rate ``[len(scales)]`` of ``checkpoint`` (a trainer checkpoint ``iter_N/``) with initial
-    noise ``s · N(0, I)``, on the env of its run's ``train_config.json``; and the run's ``num_demos``."""
-    from flowrl.eval import evaluate, run_config
+def _load(checkpoint: Path, num_envs: int) -> tuple[Any, Any, Any]:
+    """A reaching-task checkpoint's run config, its π0 (eval mode) and an eval env of ``num_envs``."""
+    from flowrl.eval import run_config
     from flowrl.models import from_pretrained
     from flowrl.train import build_env
 
@@ -45,7 +42,16 @@ def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_e
         raise ValueError(f"{checkpoint}: only reaching-task runs are supported, got env {cfg.env.name!r}")
     cfg.env.num_envs = num_envs
     policy = from_pretrained(str(checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint)).eval()
-    env = build_env(cfg, for_eval=True)
+    return cfg, policy, build_env(cfg, for_eval=True)
+
+
+def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_envs: int,
+                     seed: int) -> tuple[list[float], int]:
+    """Success rate ``[len(scales)]`` of ``checkpoint`` (a trainer checkpoint ``iter_N/``) with initial
+    noise ``s · N(0, I)``, on the env of its run's ``train_config.json``; and the run's ``num_demos``."""
+    from flowrl.eval import evaluate
+
+    cfg, policy, env = _load(checkpoint, num_envs)
     out = []
     try:
         for s in scales:
@@ -63,28 +69,17 @@ def best_of_draws(policy: Any, env: Any, episodes: int, seed: int, num_steps: in
     """Share of ``episodes`` episodes in which at least one of ``draws`` rollouts of the same scene
     (``env.reset(seed=...)`` again), each from fresh ``N(0, I)`` noise, succeeds. Rounds and random
     draws follow :func:`flowrl.eval.evaluate`, so ``draws = 1`` is its success rate."""
-    from flowrl.eval import eval_actions
+    from flowrl.eval import run_episodes
 
     if draws < 1:
         raise ValueError(f"best_of_draws: draws must be >= 1, got {draws}")
     gen = torch.Generator().manual_seed(seed)
-    max_chunks = math.ceil(env.max_episode_steps / env.chunk_steps)
     got: list[bool] = []
     rnd = 0
     while len(got) < episodes:
         hit = torch.zeros(env.num_envs, dtype=torch.bool)
         for _ in range(draws):
-            obs = env.reset(seed=seed + rnd)
-            alive = torch.ones(env.num_envs, dtype=torch.bool)
-            succ = torch.zeros(env.num_envs, dtype=torch.bool)
-            for _ in range(max_chunks):
-                step = env.step(eval_actions(policy, obs, gen, num_steps))
-                succ |= alive & step.success.cpu()
-                alive &= ~step.done.cpu()
-                obs = step.obs
-                if not alive.any():
-                    break
-            hit |= succ
+            hit |= run_episodes(policy, env, seed + rnd, gen, num_steps)[0]
         rnd += 1
         got += hit[: min(env.num_envs, episodes - len(got))].tolist()
     return sum(got) / len(got)
@@ -92,14 +87,7 @@ def best_of_draws(policy: Any, env: Any, episodes: int, seed: int, num_steps: in
 
 def best_of(checkpoint: Path, draws: int, episodes: int, num_envs: int, seed: int) -> float:
     """:func:`best_of_draws` for a trainer checkpoint on the env of its run."""
-    from flowrl.eval import run_config
-    from flowrl.models import from_pretrained
-    from flowrl.train import build_env
-
-    cfg, _ = run_config(checkpoint)
-    cfg.env.num_envs = num_envs
-    policy = from_pretrained(str(checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint)).eval()
-    env = build_env(cfg, for_eval=True)
+    cfg, policy, env = _load(checkpoint, num_envs)
     try:
         return best_of_draws(policy, env, episodes, seed, cfg.algo.num_steps, draws)
     finally:

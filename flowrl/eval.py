@@ -24,7 +24,8 @@ import torch
 from flowrl.algos.base import to_policy_obs
 from flowrl.envs.base import VecEnv
 
-__all__ = ["eval_actions", "evaluate", "load_vla_fpo_noise", "main", "run_config", "wilson_interval"]
+__all__ = ["eval_actions", "evaluate", "load_vla_fpo_noise", "main", "run_config", "run_episodes",
+           "wilson_interval"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -53,6 +54,27 @@ def eval_actions(policy: Any, obs: Any, gen: torch.Generator, num_steps: int, no
 
 
 @torch.no_grad()
+def run_episodes(policy: Any, env: VecEnv, seed: int, gen: torch.Generator, num_steps: int,
+                 noise_fn: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reset every env with ``seed`` and run each one's first episode with ODE sampling (noise from
+    ``gen``, or ``noise_fn`` as in :func:`eval_actions`). Returns success ``(B,)`` bool and return
+    ``(B,)`` of those episodes, on the CPU."""
+    obs = env.reset(seed=seed)
+    alive = torch.ones(env.num_envs, dtype=torch.bool)
+    succ = torch.zeros(env.num_envs, dtype=torch.bool)
+    ret = torch.zeros(env.num_envs)
+    for _ in range(math.ceil(env.max_episode_steps / env.chunk_steps)):
+        step = env.step(eval_actions(policy, obs, gen, num_steps, noise_fn))
+        succ |= alive & step.success.cpu()
+        ret += torch.where(alive, step.reward.cpu(), torch.zeros(env.num_envs))
+        alive &= ~step.done.cpu()
+        obs = step.obs
+        if not alive.any():
+            break
+    return succ, ret
+
+
+@torch.no_grad()
 def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_steps: int = 10,
              noise_fn: Any = None) -> dict[str, float]:
     """Success rate over ``episodes`` episodes with ODE sampling (fresh noise per chunk).
@@ -67,23 +89,10 @@ def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_ste
     gen = torch.Generator().manual_seed(seed)
     succ: list[bool] = []
     rets: list[float] = []
-    max_chunks = math.ceil(env.max_episode_steps / env.chunk_steps)
     rnd = 0
     while len(succ) < episodes:
-        obs = env.reset(seed=seed + rnd)
+        r_succ, r_ret = run_episodes(policy, env, seed + rnd, gen, num_steps, noise_fn)
         rnd += 1
-        alive = torch.ones(env.num_envs, dtype=torch.bool)
-        r_succ = torch.zeros(env.num_envs, dtype=torch.bool)
-        r_ret = torch.zeros(env.num_envs)
-        for _ in range(max_chunks):
-            step = env.step(eval_actions(policy, obs, gen, num_steps, noise_fn))
-            d = step.done.cpu()
-            r_succ |= alive & step.success.cpu()
-            r_ret += torch.where(alive, step.reward.cpu(), torch.zeros(env.num_envs))
-            alive &= ~d
-            obs = step.obs
-            if not alive.any():
-                break
         take = min(env.num_envs, episodes - len(succ))
         succ += r_succ[:take].tolist()
         rets += r_ret[:take].tolist()
