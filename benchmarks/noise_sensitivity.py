@@ -11,6 +11,14 @@ has nothing to work with, and only updates of the policy itself can improve it.
 the same scene (the env reset with the same seed), each with fresh ``N(0, I)`` noise, succeeds: how
 far a state-conditioned choice of noise alone could take this π0 (a ceiling for VLA-FPO's actor).
 
+``--learned-choice R`` (with ``--best-of M``) asks how much of that ceiling can be *learned*: R rounds
+of ``num_envs`` scenes, each scene run with M fresh noises; a classifier ``Q(state, noise) → success``
+(an MLP on standardized features, the noise in the env's real action dims) is fit on the first
+R − 1 rounds and picks, in the held-out last round, one of each scene's M noises. Reported: the
+held-out success of the picked noise (and of a training round's pick, which shows how much the
+classifier memorizes). A pick near the plain N(0, I) success means the good noises follow no
+pattern in the state that this much data reveals, however high the best of M is.
+
 Prints one markdown row per checkpoint; ``--out`` appends the table (with commit, date, device) to a file.
 """
 
@@ -94,6 +102,80 @@ def best_of(checkpoint: Path, draws: int, episodes: int, num_envs: int, seed: in
         env.close()
 
 
+@torch.no_grad()
+def _draw_outcomes(policy: Any, env: Any, seed: int, gen: torch.Generator, num_steps: int,
+                   draws: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round: every env reset with ``seed`` and run ``draws`` times with fresh N(0, I) noise.
+    Returns state ``(B, S)``, noise in the real action dims ``(M, B, H·A)`` and success ``(M, B)``."""
+    from flowrl.algos.base import masks_for
+    from flowrl.eval import run_episodes
+
+    dim_mask = masks_for(env, policy, torch.device("cpu"))[0]
+    states: list[torch.Tensor] = []
+    noises: list[torch.Tensor] = []
+
+    def noise_fn(p: Any, obs: Any, g: torch.Generator) -> torch.Tensor:
+        x = torch.randn(obs.state.shape[0], p.config.action_horizon, p.config.action_dim, generator=g)
+        states.append(obs.state.float().cpu())
+        noises.append(x[:, :, dim_mask.cpu()].flatten(1))
+        return x
+
+    succ = [run_episodes(policy, env, seed, gen, num_steps, noise_fn)[0] for _ in range(draws)]
+    return states[0], torch.stack(noises), torch.stack(succ).float()
+
+
+def _learned(checkpoint: Path, rounds: int, draws: int, num_envs: int, seed: int) -> dict[str, float]:
+    """:func:`learned_choice` for a trainer checkpoint on the env of its run."""
+    cfg, policy, env = _load(checkpoint, num_envs)
+    try:
+        return learned_choice(policy, env, rounds, draws, seed, cfg.algo.num_steps)
+    finally:
+        env.close()
+
+
+def learned_choice(policy: Any, env: Any, rounds: int, draws: int, seed: int, num_steps: int,
+                   steps: int = 4000, hidden: int = 512) -> dict[str, float]:
+    """Fit ``Q(state, noise) → success`` on ``rounds − 1`` rounds of ``env.num_envs`` scenes × ``draws``
+    noises; return the success of the plain draw (``mean``), of the best of the draws (``best``) and
+    of the draw ``Q`` picks per scene, on the held-out last round (``picked``) and on the first
+    training round (``picked_train``). Episodes must be one chunk long (the noise decides the whole
+    episode)."""
+    if rounds < 2 or draws < 2:
+        raise ValueError(f"learned_choice: need rounds >= 2 and draws >= 2, got {rounds} and {draws}")
+    if env.chunk_steps < env.max_episode_steps:
+        raise ValueError(f"learned_choice: an episode must be one chunk (chunk_steps {env.chunk_steps} < "
+                         f"max_episode_steps {env.max_episode_steps})")
+    gen = torch.Generator().manual_seed(seed)
+    data = [_draw_outcomes(policy, env, seed + r, gen, num_steps, draws) for r in range(rounds)]
+
+    def feats(st: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # (B, S), (M, B, L) -> (M, B, S + L)
+        return torch.cat([st.expand(x.shape[0], *st.shape), x], dim=-1)
+
+    f_tr = torch.cat([feats(s, x).flatten(0, 1) for s, x, _ in data[:-1]])
+    y_tr = torch.cat([y.flatten() for _, _, y in data[:-1]])
+    mu, sd = f_tr.mean(0), f_tr.std(0).clamp_min(1e-3)
+    torch.manual_seed(seed)
+    q = torch.nn.Sequential(torch.nn.Linear(f_tr.shape[1], hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
+                            torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    for _ in range(steps):
+        idx = torch.randint(len(y_tr), (256,), generator=gen)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(q((f_tr[idx] - mu) / sd).squeeze(-1), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def pick(r: int) -> float:
+        s, x, y = data[r]
+        with torch.no_grad():
+            choice = q((feats(s, x) - mu) / sd).squeeze(-1).argmax(0)  # (B,)
+        return float(y[choice, torch.arange(y.shape[1])].mean())
+
+    y = data[-1][2]
+    return {"mean": float(y.mean()), "best": float(y.amax(0).mean()), "picked": pick(rounds - 1),
+            "picked_train": pick(0)}
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="trainer checkpoint directories (iter_N/)")
@@ -103,13 +185,21 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--best-of", type=int, default=0, metavar="M",
                    help="add the best of M N(0, I) draws per scene (0: off)")
+    p.add_argument("--learned-choice", type=int, default=0, metavar="R",
+                   help="with --best-of M: R rounds of num_envs scenes, a classifier fit on R - 1 picks one of M "
+                        "noises per scene of the last (0: off)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args(argv)
     if any(s < 0 for s in args.scales):
         raise SystemExit("noise_sensitivity: --scales must be >= 0")
     if args.best_of < 0:
         raise SystemExit("noise_sensitivity: --best-of must be >= 0")
+    if args.learned_choice and (args.learned_choice < 2 or args.best_of < 2):
+        raise SystemExit("noise_sensitivity: --learned-choice needs R >= 2 rounds and --best-of M >= 2")
     extra = [f"best of {args.best_of} N(0, I) draws"] if args.best_of else []
+    if args.learned_choice:
+        extra += [f"held-out: N(0, I) / best of {args.best_of} / learned pick of {args.best_of}",
+                  "learned pick on a training round"]
     cols = [f"success at {s:g}·N(0, I)" for s in args.scales] + extra
     lines = ["| checkpoint | demos | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for c in args.checkpoints:
@@ -119,7 +209,11 @@ def main(argv: list[str] | None = None) -> str:
         r, demos = success_by_scale(ck, args.scales, args.episodes, args.num_envs, args.seed)
         if args.best_of:
             r.append(best_of(ck, args.best_of, args.episodes, args.num_envs, args.seed))
-        lines.append(f"| {c} | {demos} | " + " | ".join(f"{v:.3f}" for v in r) + " |")
+        cells = [f"{v:.3f}" for v in r]
+        if args.learned_choice:
+            lc = _learned(ck, args.learned_choice, args.best_of, args.num_envs, args.seed)
+            cells += [f"{lc['mean']:.3f} / {lc['best']:.3f} / {lc['picked']:.3f}", f"{lc['picked_train']:.3f}"]
+        lines.append(f"| {c} | {demos} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)

@@ -402,3 +402,28 @@ def test_noise_sensitivity_scale_one_is_the_plain_evaluation(vla_fpo_checkpoint,
     assert "best of 2 N(0, I) draws" in table
     with pytest.raises(SystemExit, match="best-of"):
         main([str(ck), "--best-of", "-1"])
+
+
+def test_noise_sensitivity_learned_choice(vla_fpo_checkpoint):
+    """benchmarks/noise_sensitivity.py --learned-choice: the pick is one of each scene's draws (never
+    better than the best of them), the rates are per-scene fractions; bad settings fail by name."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from noise_sensitivity import _load, learned_choice, main
+
+    _, policy, env = _load(vla_fpo_checkpoint, 4)
+    assert (env.chunk_steps, env.max_episode_steps) == (5, 10)
+    with pytest.raises(ValueError, match="one chunk"):
+        learned_choice(policy, env, rounds=2, draws=2, seed=1, num_steps=2)
+    env.chunk_steps = 10  # one chunk per episode (the policy's horizon is 10)
+    r = learned_choice(policy, env, rounds=2, draws=3, seed=1, num_steps=2, steps=10, hidden=16)
+    assert set(r) == {"mean", "best", "picked", "picked_train"}
+    assert 0.0 <= r["mean"] <= r["best"] <= 1.0
+    assert r["picked"] <= r["best"] and r["picked_train"] <= 1.0
+    assert all(abs(r[k] * 4 - round(r[k] * 4)) < 1e-6 for k in ("best", "picked", "picked_train"))
+    with pytest.raises(ValueError, match="rounds"):
+        learned_choice(policy, env, rounds=1, draws=3, seed=1, num_steps=2)
+    with pytest.raises(SystemExit, match="learned-choice"):
+        main([str(vla_fpo_checkpoint), "--learned-choice", "2"])
