@@ -154,9 +154,10 @@ def learned_choice(policy: Any, env: Any, rounds: int, draws: int, seed: int, nu
     f_tr = torch.cat([feats(s, x).flatten(0, 1) for s, x, _ in data[:-1]])
     y_tr = torch.cat([y.flatten() for _, _, y in data[:-1]])
     mu, sd = f_tr.mean(0), f_tr.std(0).clamp_min(1e-3)
-    torch.manual_seed(seed)
-    q = torch.nn.Sequential(torch.nn.Linear(f_tr.shape[1], hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
-                            torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
+    with torch.random.fork_rng():  # the classifier's init from ``seed``, the caller's RNG untouched
+        torch.manual_seed(seed)
+        q = torch.nn.Sequential(torch.nn.Linear(f_tr.shape[1], hidden), torch.nn.SiLU(),
+                                torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
     opt = torch.optim.Adam(q.parameters(), lr=1e-3)
     for _ in range(steps):
         idx = torch.randint(len(y_tr), (256,), generator=gen)
