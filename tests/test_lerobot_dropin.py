@@ -101,8 +101,8 @@ def test_lerobot_dropin_eager(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("FLOWKERNELS_LEROBOT_COMPILE_TEST") != "1",
-    reason="torch.compile (inductor) of lerobot's sample_actions takes ~3-4 min per compilation on a 2-core CPU "
-    "(6 compilations); set FLOWKERNELS_LEROBOT_COMPILE_TEST=1 to run it",
+    reason="torch.compile (inductor) of lerobot's sample_actions: 6 compilations, about 11 min on a 2-core CPU; "
+    "set FLOWKERNELS_LEROBOT_COMPILE_TEST=1 to run it",
 )
 def test_lerobot_dropin_compiled(tmp_path):
     results = _run_worker("compile", tmp_path, timeout=3600)
