@@ -6,7 +6,8 @@
 #      mujoco<4, imageio-ffmpeg for evaluation videos, ...) from PyPI into the venv, without
 #      rebuilding flowkernels' extension;
 #   3. a check that a scene can be rendered (prints the GL backend chosen).
-#   VENV=.venv (used when no virtualenv is active)
+#   VENV=.venv    the venv to install into; an explicit VENV wins over an active virtualenv
+#                 (scripts/test.sh passes its fresh one), without either: .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GL_PKGS="libosmesa6 libegl1 libgl1 libglx-mesa0 libegl-mesa0"
@@ -39,7 +40,7 @@ else
 fi
 
 # ---- 2. the [libero] extra (its requirements only: the project itself is not rebuilt)
-if [ -z "${VIRTUAL_ENV:-}" ]; then
+if [ -n "${VENV:-}" ] || [ -z "${VIRTUAL_ENV:-}" ]; then
   VENV=${VENV:-.venv}
   # shellcheck disable=SC1091
   . "$VENV/bin/activate"
