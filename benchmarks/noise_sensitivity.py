@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +55,29 @@ def _load(checkpoint: Path, num_envs: int) -> tuple[Any, Any, Any]:
     return cfg, policy, build_env(cfg, for_eval=True)
 
 
+@contextmanager
+def _opened(checkpoint: Path, num_envs: int) -> Iterator[tuple[Any, Any, Any]]:
+    """:func:`_load`, closing the env on exit."""
+    cfg, policy, env = _load(checkpoint, num_envs)
+    try:
+        yield cfg, policy, env
+    finally:
+        env.close()
+
+
 def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_envs: int,
                      seed: int) -> tuple[list[float], int]:
     """Success rate ``[len(scales)]`` of ``checkpoint`` (a trainer checkpoint ``iter_N/``) with initial
     noise ``s · N(0, I)``, on the env of its run's ``train_config.json``; and the run's ``num_demos``."""
     from flowrl.eval import evaluate
 
-    cfg, policy, env = _load(checkpoint, num_envs)
     out = []
-    try:
+    with _opened(checkpoint, num_envs) as (cfg, policy, env):
         for s in scales:
             def noise(p: Any, obs: Any, gen: torch.Generator, s: float = s) -> torch.Tensor:
                 return s * torch.randn(obs.state.shape[0], p.config.action_horizon, p.config.action_dim, generator=gen)
 
             out.append(evaluate(policy, env, episodes, seed, cfg.algo.num_steps, noise)["success_rate"])
-    finally:
-        env.close()
     return out, cfg.algo.num_demos
 
 
@@ -95,11 +104,8 @@ def best_of_draws(policy: Any, env: Any, episodes: int, seed: int, num_steps: in
 
 def best_of(checkpoint: Path, draws: int, episodes: int, num_envs: int, seed: int) -> float:
     """:func:`best_of_draws` for a trainer checkpoint on the env of its run."""
-    cfg, policy, env = _load(checkpoint, num_envs)
-    try:
+    with _opened(checkpoint, num_envs) as (cfg, policy, env):
         return best_of_draws(policy, env, episodes, seed, cfg.algo.num_steps, draws)
-    finally:
-        env.close()
 
 
 @torch.no_grad()
@@ -111,13 +117,14 @@ def _draw_outcomes(policy: Any, env: Any, seed: int, gen: torch.Generator, num_s
     from flowrl.eval import run_episodes
 
     dim_mask = masks_for(env, policy, torch.device("cpu"))[0]
-    states: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []  # the round's scenes: the same state at every draw's reset
     noises: list[torch.Tensor] = []
 
     def noise_fn(p: Any, obs: Any, g: torch.Generator) -> torch.Tensor:
         x = torch.randn(obs.state.shape[0], p.config.action_horizon, p.config.action_dim, generator=g)
-        states.append(obs.state.float().cpu())
-        noises.append(x[:, :, dim_mask.cpu()].flatten(1))
+        if not states:
+            states.append(obs.state.float().cpu())
+        noises.append(x[:, :, dim_mask].flatten(1))
         return x
 
     succ = [run_episodes(policy, env, seed, gen, num_steps, noise_fn)[0] for _ in range(draws)]
@@ -126,11 +133,8 @@ def _draw_outcomes(policy: Any, env: Any, seed: int, gen: torch.Generator, num_s
 
 def _learned(checkpoint: Path, rounds: int, draws: int, num_envs: int, seed: int) -> dict[str, float]:
     """:func:`learned_choice` for a trainer checkpoint on the env of its run."""
-    cfg, policy, env = _load(checkpoint, num_envs)
-    try:
+    with _opened(checkpoint, num_envs) as (cfg, policy, env):
         return learned_choice(policy, env, rounds, draws, seed, cfg.algo.num_steps)
-    finally:
-        env.close()
 
 
 def learned_choice(policy: Any, env: Any, rounds: int, draws: int, seed: int, num_steps: int,
