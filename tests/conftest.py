@@ -6,7 +6,9 @@ Without a GPU the Triton kernels run in the interpreter, which must be switched 
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -31,6 +33,45 @@ def lerobot_python() -> Path | None:
         venv = ROOT / venv
     py = venv / "bin" / "python"
     return py if py.exists() else None
+
+
+def lerobot_env() -> dict[str, str]:
+    """The environment for the lerobot venv's subprocesses: offline, without this venv's ``PYTHONPATH``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # the lerobot venv imports its own packages, not this venv's
+    return env
+
+
+@functools.cache
+def lerobot_skip_reason(*modules: str) -> str | None:
+    """Why the lerobot venv cannot run a test that imports ``modules`` there, or None when it can.
+
+    The venv existing is not enough: a copy of the checkout may carry ``.venv-lerobot`` without its
+    packages (or with a dangling interpreter link), so the interpreter is asked to import them.
+    """
+    py = lerobot_python()
+    if py is None:
+        return (
+            "no lerobot venv (run scripts/setup_lerobot_env.sh, or set LEROBOT_VENV to one holding lerobot[pi]==0.6.1)"
+        )
+    try:
+        probe = subprocess.run(
+            [str(py), "-c", "import " + ", ".join(modules)],
+            capture_output=True,
+            text=True,
+            env=lerobot_env(),
+            cwd=ROOT,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"lerobot venv {py.parent.parent} cannot run ({e}); rebuild it with scripts/setup_lerobot_env.sh"
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return (
+            f"lerobot venv {py.parent.parent} cannot import {', '.join(modules)} ({last}); "
+            "rebuild it with `bash scripts/setup_lerobot_env.sh`"
+        )
+    return None
 
 
 HAS_CUDA = torch.cuda.is_available()

@@ -22,14 +22,13 @@ Both skip with a reason when the venv or flowkernels inside it is missing.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import lerobot_python
+from conftest import lerobot_python, lerobot_skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "lerobot_dropin_worker.py"
@@ -42,27 +41,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-@functools.cache
 def _skip_reason() -> str | None:
-    py = lerobot_python()
-    if py is None:
-        return (
-            "no lerobot venv (run scripts/setup_lerobot_env.sh, or set LEROBOT_VENV to one holding lerobot[pi]==0.6.1)"
-        )
-    probe = subprocess.run(
-        [str(py), "-c", "import lerobot.policies.pi0.modeling_pi0, flowkernels.integrations.lerobot"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-    )
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return (
-            f"lerobot venv {py.parent.parent} cannot import lerobot's π0 and flowkernels.integrations.lerobot "
-            f"({last}); `bash scripts/setup_lerobot_env.sh` installs flowkernels there"
-        )
-    return None
+    return lerobot_skip_reason("lerobot.policies.pi0.modeling_pi0", "flowkernels.integrations.lerobot")
 
 
 def _run_worker(group: str, tmp_path: Path, timeout: int) -> list[dict]:

@@ -19,7 +19,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lerobot_python
+from conftest import lerobot_env, lerobot_python, lerobot_skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "lerobot_reference.py"
@@ -36,10 +35,6 @@ ATOL = 1e-4
 
 
 LEROBOT_PY = lerobot_python()
-requires_lerobot = pytest.mark.skipif(
-    LEROBOT_PY is None,
-    reason="no lerobot venv (run scripts/setup_lerobot_env.sh, or set LEROBOT_VENV to one holding lerobot[pi]==0.6.1)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +46,11 @@ def lerobot_reference(tmp_path_factory):
     def get(variant: str) -> Path:
         if variant in made:
             return made[variant]
+        reason = lerobot_skip_reason("torch", "safetensors", "lerobot.policies.pi0.modeling_pi0")
+        if reason:
+            pytest.skip(reason)
         out = tmp_path_factory.mktemp(f"lerobot_{variant}")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        env.pop("PYTHONPATH", None)  # the lerobot venv must not see this project's packages
+        env = lerobot_env()
         proc = subprocess.run(
             [str(LEROBOT_PY), str(SCRIPT), "--variant", variant, "--out", str(out), "--seed", "0"],
             capture_output=True,
@@ -198,7 +195,6 @@ def _plain_sample_actions(weights: dict[str, torch.Tensor], ref: dict[str, torch
     return {"prefix_embs": prefix_embs, "v0": v0, "actions": xt}
 
 
-@requires_lerobot
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_plain_reference_matches_lerobot(lerobot_reference, variant: str) -> None:
     weights, ref, meta = _load(lerobot_reference(variant))
@@ -285,7 +281,6 @@ def _flowrl_config(cfg_cls, meta: dict):
     return cfg_cls(**{k: v for k, v in want.items() if k in names})
 
 
-@requires_lerobot
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_flowrl_matches_lerobot(lerobot_reference, variant: str) -> None:
     api, why = _flowrl_api()
