@@ -80,7 +80,11 @@ fi
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
+  # A venv this run creates is deleted again if the run fails (no network, a full disk): a half-built
+  # venv without torch must not look like a lerobot environment to the tests.
+  rm -rf "$VENV"
   "$LEROBOT_PYTHON" -m venv "$VENV"
+  trap 'status=$?; if [ $status -ne 0 ]; then echo "removing the half-built $VENV" >&2; rm -rf "$VENV"; fi' EXIT
 fi
 pip_install() {
   # drops pip's "Location 'file:///…' is ignored" noise from local extra indexes; pipefail keeps pip's status
