@@ -7,6 +7,7 @@ starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,8 @@ class TrainConfig:
     zero_stage: int = 1
     bf16: str = "auto"  # auto (on a GPU) | true | false
     tensorboard: bool = True
+    wandb: str = "off"  # off | offline | online (Weights & Biases, optional: pip install -e .[wandb])
+    wandb_project: str = "flowrl"
     plot: bool = True
 
 
@@ -275,6 +278,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                           "directory> (a randomly initialized full-size π0 cannot solve LIBERO)")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         raise ConfigError(f"model.init_from: checkpoint directory {cfg.model.init_from!r} does not exist")
+    if cfg.wandb not in ("off", "offline", "online"):
+        raise ConfigError(f"wandb must be off, offline or online, got {cfg.wandb!r}")
+    if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"wandb={cfg.wandb} needs the wandb package: pip install -e .[wandb] (or set wandb=off)")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard=true needs the tensorboard package: pip install -e .[rl] "
+                          "(or set tensorboard=false)")
     if world_size > 1 and a.sft_batch % world_size != 0:
         raise ConfigError(f"algo.sft_batch={a.sft_batch} must be divisible by the number of ranks ({world_size})")
 

@@ -259,13 +259,11 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         log(f"[flowrl] resumed from {ckpt} at iteration {start_iter}")
 
     writer = None
-    if rank == 0 and cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    if rank == 0 and cfg.tensorboard:  # validate() checked that tensorboard is installed
+        from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(run_dir / "tb"))
-        except ImportError:
-            writer = None
+        writer = SummaryWriter(str(run_dir / "tb"))
+    wb = _wandb_run(cfg, run_dir) if rank == 0 and cfg.wandb != "off" else None
     from flowrl.eval import evaluate
 
     def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
@@ -331,6 +329,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
                 for k, v in metrics.items():
                     if math.isfinite(v):
                         writer.add_scalar(k, v, it)
+            if wb is not None:
+                wb.log({k: v for k, v in metrics.items() if math.isfinite(v)}, step=it)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         last = it == total - 1
@@ -347,6 +347,11 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         _plot(history, run_dir / "curves.png")
     if writer is not None:
         writer.close()
+    if wb is not None:
+        for key in ("eval_before", "eval_after_sft", "eval_after"):
+            if key in result:
+                wb.summary[f"{key}/success_rate"] = result[key]["success_rate"]
+        wb.finish()
     result["history"] = history
     result["policy"] = policy
     return result
@@ -387,6 +392,24 @@ def save_checkpoint(engine: Any, policy: Any, env: Any, algo: Algorithm, sft_alg
         finalize_checkpoint(cfg.run_dir, it)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _wandb_run(cfg: TrainConfig, run_dir: Path) -> Any:
+    """Rank 0's Weights & Biases run (``wandb=offline`` writes under ``run_dir/wandb``; ``wandb sync`` uploads it).
+
+    The run id is kept in ``run_dir/wandb_id``, so ``--resume`` continues the same W&B run.
+    """
+    import secrets
+
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    if not id_file.exists():
+        write_atomic(id_file, run_id.encode())
+    return wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb, id=run_id, resume="allow",
+                      name=run_dir.name, config=_asdict(cfg))
 
 
 def _asdict(cfg: TrainConfig) -> dict[str, Any]:

@@ -17,5 +17,6 @@ python -m pip install -q --upgrade pip
 # torch is pinned and installed first: an unpinned torch may pull a multi-GB CUDA build, and
 # the extension must be built against the torch it runs with (--no-build-isolation).
 python -m pip install -q "$TORCH_SPEC" setuptools wheel ninja
-python -m pip install -q --no-build-isolation -e ".[dev,rl]"
+# wandb: the optional Weights & Biases logger (wandb=offline|online), installed so its test runs
+python -m pip install -q --no-build-isolation -e ".[dev,rl,wandb]"
 python -c "import flowkernels, flowkernels._C as C; print('flowkernels', flowkernels.__version__, 'backends:', flowkernels.available_backends(), 'cuda kernels:', C.has_cuda)"
