@@ -135,6 +135,7 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: str = "off"  # off | offline | online (Weights & Biases, optional: pip install -e .[wandb])
     wandb_project: str = "flowrl"
+    progress: str = "auto"  # a progress bar on rank 0: auto (when stderr is a terminal) | true | false
     plot: bool = True
 
 
@@ -278,6 +279,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                           "directory> (a randomly initialized full-size π0 cannot solve LIBERO)")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         raise ConfigError(f"model.init_from: checkpoint directory {cfg.model.init_from!r} does not exist")
+    if cfg.progress not in ("auto", "true", "false"):
+        raise ConfigError(f"progress must be auto, true or false, got {cfg.progress!r}")
     if cfg.wandb not in ("off", "offline", "online"):
         raise ConfigError(f"wandb must be off, offline or online, got {cfg.wandb!r}")
     if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:

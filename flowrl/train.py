@@ -264,6 +264,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
 
         writer = SummaryWriter(str(run_dir / "tb"))
     wb = _wandb_run(cfg, run_dir) if rank == 0 and cfg.wandb != "off" else None
+    from tqdm import tqdm
+
+    show = rank == 0 and (cfg.progress == "true" or (cfg.progress == "auto" and sys.stderr.isatty()))
+    bar = tqdm(total=total, initial=start_iter, desc="flowrl", unit="it", disable=not show, dynamic_ncols=True,
+               file=sys.stderr)
+    if show and log is print:
+        log = bar.write  # log lines above the bar, not through it
     from flowrl.eval import evaluate
 
     def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
@@ -333,9 +340,17 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
                 wb.log({k: v for k, v in metrics.items() if math.isfinite(v)}, step=it)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            post = {"algo": algo.name}
+            if math.isfinite(metrics.get("success_rate", math.nan)):
+                post["success"] = f"{metrics['success_rate']:.3f}"
+            if "rollout_samples_per_s" in metrics:
+                post["rollout/s"] = f"{metrics['rollout_samples_per_s']:.3g}"
+            bar.set_postfix(post, refresh=False)
+        bar.update(1)
         last = it == total - 1
         if cfg.checkpoint_every and ((it + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint(engine, policy, env, main_algo, sft_algo, cfg, it, history, rank)
+    bar.close()
     if cfg.eval_episodes:
         policy.eval()
         result["eval_after"] = evaluate(policy, eval_env(), cfg.eval_episodes, cfg.seed + 77,

@@ -426,3 +426,19 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
     _, history, _ = _wandb_logged(runs[-1] / f"run-{run_id}.wandb")
     assert sorted(history) == [2]
     assert history[2]["policy_loss"] == pytest.approx(second["history"][-1]["policy_loss"])
+
+
+def test_progress_bar(tmp_path, capsys):
+    """progress=true draws rank 0's bar on stderr (iterations done / total, the algorithm, success, rollout
+    throughput), the per-iteration log lines print above it; progress=false draws nothing."""
+    _run(tmp_path / "a", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=2", "checkpoint_every=0",
+         "eval_episodes=0", "progress=true")
+    out, err = capsys.readouterr()
+    assert "flowrl: 100%" in err and "2/2" in err and "algo=fpo" in err and "rollout/s=" in err, err[-2000:]
+    assert "[flowrl] it 2/2 [fpo]" in out + err
+    _run(tmp_path / "b", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "checkpoint_every=0",
+         "eval_episodes=0", "progress=false")
+    out, err = capsys.readouterr()
+    assert "flowrl:" not in err and "[flowrl] it 1/1 [fpo]" in out
+    with pytest.raises(ConfigError, match="progress must be auto, true or false"):
+        load_config(None, ["progress=sometimes"])
