@@ -28,17 +28,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import lerobot_python, lerobot_skip_reason
+from conftest import lerobot_env, lerobot_python, lerobot_skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "lerobot_dropin_worker.py"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the lerobot venv imports its own (editable) flowkernels, not this venv's
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
 
 
 def _skip_reason() -> str | None:
@@ -54,7 +47,7 @@ def _run_worker(group: str, tmp_path: Path, timeout: int) -> list[dict]:
         [str(lerobot_python()), str(WORKER), "--group", group, "--out", str(out)],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=lerobot_env(),  # offline; the venv imports its own (editable) flowkernels
         cwd=ROOT,
         timeout=timeout,
     )
