@@ -108,6 +108,7 @@ class AlgoConfig:
     vla_latent_steps: int = 2
     vla_eta: float = 1.0  # 1: the latent sampler walks the actor's whole flow (0.5 keeps > 1/3 of its initial noise)
     vla_ensemble: int = 2
+    vla_explore: float = 0.1  # std of the Gaussian added to the actor's rollout latents (not at evaluation)
     vla_tau: float = 0.01
     vla_clip: bool = True
     vla_spo: bool = False  # the trust region in SPO's penalty form instead of clipping (with vla_clip)
@@ -258,6 +259,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if not (cfg.env.success_radius > 0 and cfg.env.max_speed > 0):
         raise ConfigError(f"env.success_radius and env.max_speed must be > 0, got {cfg.env.success_radius}, "
                           f"{cfg.env.max_speed}")
+    if not a.vla_explore >= 0.0:
+        raise ConfigError(f"algo.vla_explore must be >= 0, got {a.vla_explore}")
     if a.vla_ratio not in ("standardized", "absolute"):
         raise ConfigError(f"algo.vla_ratio must be standardized or absolute, got {a.vla_ratio!r}")
     if a.sft_lr_schedule not in ("constant", "cosine"):

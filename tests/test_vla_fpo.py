@@ -123,3 +123,27 @@ def test_ratio_kinds_and_the_trust_region():
     mb = next(iter(algo.minibatches(batch)))
     loss, stats = algo.loss(modules, mb)
     assert torch.isfinite(loss) and abs(stats["ratio_mean"] - 1.0) < 1e-5 and stats["clip_frac"] == 0.0
+
+
+def test_exploration_noise_scale():
+    """algo.vla_explore scales the Gaussian added to the rollout latents; the generator's stream is the same."""
+    import pytest
+
+    from flowrl.config import ConfigError, load_config
+
+    latents = {}
+    for std in (0.0, 0.1, 0.3):
+        _, _, algo = _setup(vla_explore=std)
+        algo.modules = torch.nn.Module()
+        algo.modules.actor = LatentActor(cond_dim=5, latent_dim=7, hidden=16)
+        cond = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+        latents[std] = algo._latent(cond, explore=True)
+        plain = algo._latent(cond, explore=False)  # the next draw: the stream advanced by the same amount
+        latents[f"plain{std}"] = plain
+    base = latents[0.0]
+    for std in (0.1, 0.3):
+        assert torch.allclose((latents[std] - base) / std, (latents[0.1] - base) / 0.1, atol=1e-5)
+        assert torch.equal(latents[f"plain{std}"], latents["plain0.0"])
+    assert (latents[0.3] - base).std() > 2.5 * (latents[0.1] - base).std() > 0
+    with pytest.raises(ConfigError, match=r"algo\.vla_explore must be >= 0"):
+        load_config(None, ["algo.name=vla_fpo", "algo.vla_explore=-0.1"])

@@ -9,7 +9,8 @@ switchable for an ablation (config ``algo.vla_*``):
   stays a fresh ``N(0, I)`` draw: the actor steers what it can credit), conditioned on
   ``s`` = [π0's pooled prefix features, state]. Sampling: ``vla_latent_steps`` (K) Euler steps
   from ``N(0, I)`` (multi-step latent exploration: ``x^(k+1) = x^(k) + η·v_θ(x^(k), τ^(k) | s)``
-  with step ``vla_eta/K``, η = 1 walking the whole flow, plus Gaussian exploration noise on the result).
+  with step ``vla_eta/K``, η = 1 walking the whole flow, plus Gaussian exploration noise of std
+  ``vla_explore`` on the result).
 * **Per-sample CFM signal**: at rollout, N (τ, ε) pairs are drawn per sample and the actor's
   CFM losses ``ℓ_old`` on the exact latent used for control are stored; at update
   ``Δℓ = ℓ_old − ℓ_new`` and the ratio (``vla_ratio``, see :func:`vla_ratio`): the paper's
@@ -184,7 +185,8 @@ class VLAFPO(Algorithm):
         assert self.modules is not None
         x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, self.gen)
         if explore:
-            x = x + 0.1 * to_device(torch.randn(x.shape, generator=self.gen), x.device)
+            # drawn even at vla_explore = 0: the generator's stream does not depend on the setting
+            x = x + self.cfg.vla_explore * to_device(torch.randn(x.shape, generator=self.gen), x.device)
         return x
 
     def _value(self, cond: torch.Tensor) -> torch.Tensor:
