@@ -117,7 +117,9 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
         src = Path(m.init_from)
         if (src / "policy").is_dir():  # a trainer checkpoint
             src = src / "policy"
-        policy = from_pretrained(str(src)).set_activation_checkpointing(m.activation_checkpointing)
+        # float32 master copy whatever the checkpoint's dtype (a bf16 run saves bf16 Gemma weights):
+        # DeepSpeed's bf16 mode casts it again, an fp32 run must not train bf16 parameters in place
+        policy = from_pretrained(str(src)).float().set_activation_checkpointing(m.activation_checkpointing)
     else:
         over = {"variant": m.variant, "num_cameras": env.num_cameras, "image_size": env.image_size,
                 "value_heads": m.num_value_heads, "noise_std_min": cfg.algo.noise_min,
@@ -243,7 +245,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     # VLA-FPO trains its own latent actor + Q-ensemble (π0 frozen); the others train the policy
     module = main_algo.trainable_module(policy, env) if hasattr(main_algo, "trainable_module") else policy
     opt = _optimizer(module, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=_ds_config(cfg))
+    ds_config = _ds_config(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config)
+    # bf16: DeepSpeed casts the module it trains (fp32 master weights in the optimizer); the policy runs
+    # with all-bf16 parameters (its projections and heads take inputs in their weights' dtype and return
+    # float32). VLA-FPO's frozen π0 is not in the engine: its Gemma weights go to bf16 (lerobot's rule).
+    if ds_config["bf16"]["enabled"] and module is not policy:
+        policy.set_precision(torch.bfloat16)
     start_iter, history = 0, []
     obs = env.reset(seed=cfg.seed * 1000 + rank)
     if ckpt is not None:

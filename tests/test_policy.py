@@ -506,3 +506,47 @@ def test_cuda_graph_sampling_matches_eager():
             gr = p.sample_actions(cache, mode=mode, num_steps=5, group_size=2, noise=noise, step_noise=sn,
                                   cuda_graph=True)
             assert (gr.actions - eager.actions).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_all_bf16_parameters(variant):
+    """Every parameter in bf16 (what DeepSpeed's bf16 mode or ``policy.to(torch.bfloat16)`` leaves): every
+    entry point runs, returns float32, matches the float32 policy within bf16 rounding, and trains."""
+    torch.manual_seed(0)
+    c = get_config("tiny", variant=variant)
+    p32 = Pi0Policy(c).eval()
+    p16 = copy.deepcopy(p32).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    B, N, K, H, D = 3, 2, 3, c.action_horizon, c.action_dim
+    L = 6
+    obs = Observation(images=torch.rand(B, c.num_cameras, 3, c.image_size, c.image_size, generator=g) * 2 - 1,
+                      image_masks=torch.ones(B, c.num_cameras, dtype=torch.bool),
+                      tokens=torch.randint(1, c.vocab_size, (B, L), generator=g),
+                      token_masks=torch.ones(B, L, dtype=torch.bool),
+                      state=torch.randn(B, 5, generator=g) if variant == "pi0" else None)
+    noise = torch.randn(B * N, H, D, generator=g)
+    for mode in ("ode", "sde", "noise"):
+        step_noise = torch.randn(B * N, K, H, D, generator=g) if mode != "ode" else None
+        ref, out = (p.sample_actions(obs, mode=mode, num_steps=K, group_size=N, noise=noise, step_noise=step_noise)
+                    for p in (p32, p16))
+        assert out.actions.dtype == torch.float32 and out.chain.dtype == torch.float32
+        scale = ref.actions.abs().max().item()
+        assert (out.actions - ref.actions).abs().max().item() <= 2e-2 * scale, mode  # bf16: 2^-8 per rounding
+        assert not torch.equal(out.actions, ref.actions)  # it did run in bf16
+        if mode != "ode":
+            assert torch.allclose(out.logp, ref.logp, rtol=5e-2, atol=5e-2 * ref.logp.abs().max().item()), mode
+    for side in ("vlm", "expert"):
+        v32, v16 = p32.value(obs, side=side), p16.value(obs, side=side)
+        assert v16.dtype == torch.float32 and torch.allclose(v16, v32, atol=1e-2 * (1 + v32.abs().max().item()))
+    # gradients reach the bf16 parameters through the CFM loss, the chain log-prob and the values
+    p16.train()
+    cache = p16.encode_prefix(obs)
+    loss = (p16.cfm_losses(cache, torch.randn(B, H, D, generator=g), torch.randn(B, N, H, D, generator=g),
+                           torch.rand(B, N, generator=g)).mean()
+            + p16.chain_logprob(cache, torch.randn(B, K + 1, H, D, generator=g), mode="noise", reduce="mean").mean()
+            + p16.value(cache, detach=False).square().mean())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    for name in ("action_in_proj.weight", "action_out_proj.weight", "noise_head.fc2.weight", "value_vlm.w1"):
+        grad = dict(p16.named_parameters())[name].grad
+        assert grad is not None and grad.dtype == torch.bfloat16 and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -442,3 +442,30 @@ def test_progress_bar(tmp_path, capsys):
     assert "flowrl:" not in err and "[flowrl] it 1/1 [fpo]" in out
     with pytest.raises(ConfigError, match="progress must be auto, true or false"):
         load_config(None, ["progress=sometimes"])
+
+
+@pytest.mark.parametrize("algo", ["fpo", "vla_fpo"])
+def test_bf16_training(tmp_path, algo):
+    """bf16=true (the default on a GPU; DeepSpeed's bf16 mode, here on CPU): training, checkpoints, --resume and
+    evaluation run; DeepSpeed casts the module it trains to bf16, VLA-FPO's frozen π0 gets bf16 Gemma weights;
+    a bf16 checkpoint initializes a float32 run as float32."""
+    run_dir = tmp_path / "run"
+    common = [f"algo.name={algo}", "algo.fpo_pairs=2", "checkpoint_every=1", "eval_episodes=4", "bf16=true"]
+    res = _run(run_dir, *common, "iterations=2")
+    for h in res["history"]:
+        assert all(torch.isfinite(torch.tensor(h[k])) for k in ("policy_loss", "cfm_loss")), h
+    policy = res["policy"]
+    assert policy.compute_dtype == torch.bfloat16
+    if algo == "fpo":
+        assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+    else:
+        assert policy.action_in_proj.weight.dtype == torch.float32  # set_precision: Gemma only
+    res = _run(run_dir, *common, "iterations=3", resume=True)
+    assert [h["iteration"] for h in res["history"]] == [0.0, 1.0, 2.0]
+    if algo == "fpo":
+        from flowrl.train import build_env, build_policy
+
+        cfg = load_config(None, [f"run_dir={tmp_path / 'b'}", *TINY, "bf16=false",
+                                 f"model.init_from={latest_checkpoint(run_dir)}"])
+        p32 = build_policy(cfg, build_env(cfg))
+        assert {p.dtype for p in p32.parameters()} == {torch.float32}

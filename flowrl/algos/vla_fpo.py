@@ -91,8 +91,10 @@ class LatentActor(nn.Module):
         return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x ``(n, L)``, tau ``(n,)``, cond ``(n, C)`` → velocity ``(n, L)``."""
-        return self.net(torch.cat([x, self._temb(tau), cond], dim=-1))
+        """x ``(n, L)``, tau ``(n,)``, cond ``(n, C)`` → velocity ``(n, L)`` float32 (the MLP runs in its
+        weights' dtype: bf16 under DeepSpeed's bf16 mode)."""
+        h = torch.cat([x, self._temb(tau), cond], dim=-1)
+        return self.net(h.to(self.net[0].weight.dtype)).float()
 
     def sample(self, cond: torch.Tensor, steps: int, eta: float, gen: torch.Generator | None = None,
                z0: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,8 +123,9 @@ class QEnsemble(nn.Module):
         self.heads = nn.ModuleList(_mlp(cond_dim + latent_dim, hidden, 1) for _ in range(m))
 
     def forward(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """cond ``(n, C)``, x ``(n, L)`` → ``(n, M)`` float32 (each head in its weights' dtype)."""
         h = torch.cat([cond, x], dim=-1)
-        return torch.cat([q(h) for q in self.heads], dim=-1)
+        return torch.cat([q(h.to(q[0].weight.dtype)).float() for q in self.heads], dim=-1)
 
 
 class _Modules(nn.Module):

@@ -16,7 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GemmaAttentionProj", "GemmaLayer", "GemmaMLP", "GemmaStack", "RMSNorm", "apply_rope", "rope_cos_sin"]
+__all__ = ["GemmaAttentionProj", "GemmaLayer", "GemmaMLP", "GemmaStack", "RMSNorm", "apply_rope", "linear_f32",
+           "rope_cos_sin"]
+
+
+def linear_f32(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)`` computed in the layer's parameter dtype, returned as float32.
+
+    The policy's small projections and heads are float32 islands by default, but a wrapper may cast
+    every parameter (DeepSpeed's bf16 mode, ``policy.to(torch.bfloat16)``): the input follows the
+    weight's dtype, the output is float32 for the float32 math around it. ``x (..., in)`` → ``(..., out)``.
+    """
+    return lin(x.to(lin.weight.dtype)).float()
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +55,7 @@ class RMSNorm(nn.Module):
 
     def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``cond (..., cond_dim)`` → ``(scale, shift, gate)``, each ``(..., W)`` (float32 dense)."""
-        scale, shift, gate = self.dense(cond).chunk(3, dim=-1)
+        scale, shift, gate = linear_f32(self.dense, cond).chunk(3, dim=-1)
         return scale, shift, gate
 
     def forward(

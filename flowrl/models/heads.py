@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowrl.models.gemma import linear_f32
+
 __all__ = ["NoiseHead", "ValueEnsemble"]
 
 
@@ -30,7 +32,7 @@ class NoiseHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats: ``(B, H, W)`` → std ``(B, H, D)`` float32 in ``[s_min, s_max]``."""
-        h = self.fc2(F.silu(self.fc1(feats.float())))
+        h = linear_f32(self.fc2, F.silu(linear_f32(self.fc1, feats)))  # float32 whatever the weights' dtype
         log_var = self.log_var_min + (self.log_var_max - self.log_var_min) * (torch.tanh(h) + 1.0) / 2.0
         return torch.exp(0.5 * log_var)
 
@@ -57,7 +59,7 @@ class ValueEnsemble(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats: ``(B, W)`` → values ``(B, M)`` float32."""
-        x = feats.float()[None].expand(self.num_heads, -1, -1)  # (M, B, W)
+        x = feats.to(self.w1.dtype)[None].expand(self.num_heads, -1, -1)  # (M, B, W), in the weights' dtype
         x = F.silu(torch.baddbmm(self.b1, x, self.w1))
         x = F.silu(torch.baddbmm(self.b2, x, self.w2))
-        return torch.baddbmm(self.b3, x, self.w3)[..., 0].transpose(0, 1)
+        return torch.baddbmm(self.b3, x, self.w3)[..., 0].transpose(0, 1).float()

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 import flowkernels as fk
 from flowkernels._checks import value_checks_enabled
 from flowrl.models.config import PolicyConfig, get_config
-from flowrl.models.gemma import GemmaLayer, GemmaStack, apply_rope, rope_cos_sin
+from flowrl.models.gemma import GemmaLayer, GemmaStack, apply_rope, linear_f32, rope_cos_sin
 from flowrl.models.heads import NoiseHead, ValueEnsemble
 
 __all__ = ["Observation", "Pi0Policy", "PrefixCache", "SampleResult", "sinusoidal_time_embedding"]
@@ -476,7 +476,7 @@ class Pi0Policy(nn.Module):
         scale = c.head_dim ** -0.5
         pi0 = c.variant == "pi0"
         if pi0:
-            hs = self.state_proj(obs.state.float())[:, None, :].to(dt)  # (B, 1, We)
+            hs = linear_f32(self.state_proj, obs.state)[:, None, :].to(dt)  # (B, 1, We)
             cos_s, sin_s = rope_cos_sin(lens[:, None], c.head_dim, c.rope_theta, dt)
             allowed_s = torch.cat([pmask, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)[:, None, :]
         else:
@@ -534,8 +534,8 @@ class Pi0Policy(nn.Module):
             # W[:, We:]·emb + b through the module's own forward (no weight slicing: ZeRO-3 partitions
             # parameters and gathers them only inside their module's forward)
             lin = self.action_time_mlp_in
-            return {"time_term": lin(torch.cat([torch.zeros_like(emb), emb], dim=-1))[:, None, :]}
-        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
+            return {"time_term": linear_f32(lin, torch.cat([torch.zeros_like(emb), emb], dim=-1))[:, None, :]}
+        cond = F.silu(linear_f32(self.time_mlp_out, F.silu(linear_f32(self.time_mlp_in, emb))))
 
         def mod(norm):
             return tuple(m[:, None, :] for m in norm.modulation(cond))
@@ -573,14 +573,14 @@ class Pi0Policy(nn.Module):
         c = self.config
         dt = self.compute_dtype
         We = c.expert_width
-        a = self.action_in_proj(x.float())
+        a = linear_f32(self.action_in_proj, x)
         if c.variant == "pi0":
             # W[:, :We]·a + (W[:, We:]·emb + b): the action half as lin([a, 0]) − lin(0) (see time_constants)
             lin = self.action_time_mlp_in
             z = torch.zeros(*a.shape[:-1], We, dtype=a.dtype, device=a.device)
-            bias = lin(torch.zeros(1, 2 * We, dtype=a.dtype, device=a.device))
-            h = F.silu(lin(torch.cat([a, z], dim=-1)) - bias + tc["time_term"])
-            h = self.action_time_mlp_out(h)
+            bias = linear_f32(lin, torch.zeros(1, 2 * We, dtype=a.dtype, device=a.device))
+            h = F.silu(linear_f32(lin, torch.cat([a, z], dim=-1)) - bias + tc["time_term"])
+            h = linear_f32(self.action_time_mlp_out, h)
             mods = [(None, None)] * c.depth
             fmod = None
         else:
@@ -604,7 +604,7 @@ class Pi0Policy(nn.Module):
 
     def velocity(self, feats: torch.Tensor) -> torch.Tensor:
         """Expert features ``(…, H, We)`` → velocity ``(…, H, D)`` float32."""
-        return self.action_out_proj(feats.float())
+        return linear_f32(self.action_out_proj, feats)
 
     # ---------------------------------------------------------------- sampling
 
