@@ -428,8 +428,10 @@ def _wandb_run(cfg: TrainConfig, run_dir: Path) -> Any:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-    if not id_file.exists():
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)
         write_atomic(id_file, run_id.encode())
     return wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb, id=run_id, resume="allow",
                       name=run_dir.name, config=_asdict(cfg))

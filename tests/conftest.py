@@ -46,8 +46,8 @@ def lerobot_env() -> dict[str, str]:
 def lerobot_skip_reason(*modules: str) -> str | None:
     """Why the lerobot venv cannot run a test that imports ``modules`` there, or None when it can.
 
-    The venv existing is not enough: a copy of the checkout may carry ``.venv-lerobot`` without its
-    packages (or with a dangling interpreter link), so the interpreter is asked to import them.
+    The venv existing is not enough: a setup that failed half-way (or a copied venv with a dangling
+    interpreter link) leaves one without its packages, so the interpreter is asked to import them.
     """
     py = lerobot_python()
     if py is None:
