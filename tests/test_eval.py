@@ -345,6 +345,14 @@ def test_cli_evaluates_vla_fpo_with_its_latent_actor(vla_fpo_checkpoint, tmp_pat
     x_actor = algo.eval_noise(policy, obs, gen_a)
     x_plain = torch.randn(x_actor.shape, generator=gen_b)
     assert (x_actor - x_plain)[..., :2].mean() > 1.0  # the actor steers the env's real action dims
+    # paired with π0's own evaluation: the padded dims are exactly π0's draw
+    assert x_actor.shape[-1] > 2 and torch.equal(x_actor[..., 2:], x_plain[..., 2:])
+    # an untrained actor (zero last layer) is the identity map: its evaluation is π0's, draw for draw
+    with torch.no_grad():
+        algo.modules.actor.net[-1].weight.zero_()
+        algo.modules.actor.net[-1].bias.zero_()
+    assert evaluate(policy, env, 8, 5, cfg.algo.num_steps, algo.eval_noise) == evaluate(
+        policy, env, 8, 5, cfg.algo.num_steps)
 
 
 def test_cli_vla_fpo_without_latent_actor_fails_loudly(vla_fpo_checkpoint, tmp_path):

@@ -201,13 +201,23 @@ class VLAFPO(Algorithm):
 
     @torch.no_grad()
     def eval_noise(self, policy: Any, obs: EnvObs, gen: torch.Generator) -> torch.Tensor:
-        """π0's initial noise ``(B, H, D)`` from the actor's exploration-free latents, for evaluation."""
-        assert self.modules is not None
+        """π0's initial noise ``(B, H, D)`` from the actor's exploration-free latents, for evaluation.
+
+        Paired with π0's own evaluation: one ``N(0, I)`` draw ``(B, H, D)`` from ``gen``, exactly
+        the draw :func:`flowrl.eval.eval_actions` gives π0; its real action dims are the actor's
+        ``z0`` and its padded dims stay as drawn. An untrained actor (zero last layer: the identity
+        map) therefore reproduces π0's evaluation exactly, and a trained one is compared with π0 on
+        the same scenes *and* the same noise draws.
+        """
+        assert self.modules is not None and self.dim_mask is not None
         dev = next(policy.parameters()).device
         _, cond = self._cond(policy, obs, dev)
-        z0 = to_device(torch.randn(cond.shape[0], self.dims[1], generator=gen), dev)
+        c = policy.config
+        base = to_device(torch.randn(cond.shape[0], c.action_horizon, c.action_dim, generator=gen), dev)
+        z0 = base[:, :, self.dim_mask].reshape(cond.shape[0], -1)
         x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, z0=z0)
-        return self._pi0_noise(x, gen)
+        base[:, :, self.dim_mask] = x.view(cond.shape[0], c.action_horizon, -1).to(base.dtype)
+        return base
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
