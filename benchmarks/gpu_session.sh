@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every GPU check of the open issues in one prepared script, for a lent GPU machine (no network;
+# its image's python3 holds torch, triton, transformers). Carry the wheels of scripts/gpu_wheels.sh:
+#
+#   bash scripts/gpu_wheels.sh                                  # here, once: fills .whl/
+#   # on the device (run tool, carry [".whl"]):
+#   bash benchmarks/gpu_session.sh setup test kernels           # ~5 min
+#   bash benchmarks/gpu_session.sh setup policy train lerobot   # ~6 min
+#
+# Stages (in the order given; each under its own time limit, logged to $OUT/<stage>.log):
+#   setup    install the carried wheels (--no-index --no-deps) and build flowkernels' CUDA extension
+#   test     pytest -m gpu (Triton kernels compiled, CUDA kernels, the policy on the GPU)
+#   kernels  bench_ops.py and bench_attention.py (GPU defaults)
+#   policy   bench_policy.py (small and pi0 configs)
+#   train    bench_train.py --model small (bf16), and short trainer runs with bf16=auto:
+#            fpo at ZeRO 1 and 2, sft then vla_fpo from its checkpoint
+#   lerobot  bench_lerobot.py --sizes small (lerobot from the carried wheel)
+# Benchmarks append to benchmarks/RESULTS.md as usual; the file is copied to $OUT at the end (the
+# device keeps nothing), with a summary of every stage's exit status printed last.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+declare -a SUMMARY=()
+
+stage() {  # stage NAME LIMIT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" bash -c "$*" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT/$name.log"
+  SUMMARY+=("$(printf '%-8s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+}
+
+do_setup() {
+  stage setup 300 "
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+    $PY -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)'
+    if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps .whl/*.whl; else echo 'no .whl/: DeepSpeed and lerobot missing'; fi
+    MAX_JOBS=16 FLOWKERNELS_BUILD_CUDA=1 $PY -m pip install -q --no-deps --no-build-isolation -e . &&
+    $PY -c 'import flowkernels, deepspeed; print(\"flowkernels\", flowkernels.__file__, \"deepspeed\", deepspeed.__version__)'"
+}
+do_test() {
+  stage test 420 "$PY -m pytest -q -m gpu -p no:cacheprovider tests -rs"
+}
+do_kernels() {
+  stage kernels 420 "$PY benchmarks/bench_ops.py --device cuda && $PY benchmarks/bench_attention.py --device cuda"
+}
+do_policy() {
+  stage policy 300 "$PY benchmarks/bench_policy.py --device cuda"
+}
+do_train() {
+  local common="tensorboard=false plot=false iterations=2 eval_episodes=64 checkpoint_every=2"
+  stage train 540 "
+    $PY benchmarks/bench_train.py --device cuda --model small --dtype bfloat16 --out benchmarks/RESULTS.md &&
+    $PY flowrl/train.py --config flowrl/configs/reach_fpo.yaml $common run_dir=$OUT/fpo_z1 zero_stage=1 &&
+    $PY flowrl/train.py --config flowrl/configs/reach_fpo.yaml $common run_dir=$OUT/fpo_z2 zero_stage=2 &&
+    $PY flowrl/train.py --config flowrl/configs/reach_sft.yaml $common run_dir=$OUT/sft iterations=0 sft_iterations=2 &&
+    $PY flowrl/train.py --config flowrl/configs/reach_vla_fpo.yaml $common run_dir=$OUT/vla zero_stage=2 \
+      model.init_from=\$(ls -d $OUT/sft/checkpoints/iter_* | tail -1) &&
+    rm -rf $OUT/*/checkpoints"
+}
+do_lerobot() {
+  stage lerobot 420 "$PY benchmarks/bench_lerobot.py --device cuda --sizes small --batches 1,8,64"
+}
+
+[ $# -eq 0 ] && set -- setup test kernels policy train lerobot
+for s in "$@"; do
+  case $s in
+    setup | test | kernels | policy | train | lerobot) "do_$s" ;;
+    *) echo "unknown stage $s (setup test kernels policy train lerobot)" >&2; exit 2 ;;
+  esac
+done
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+echo "=== summary (logs in \$OUT)"
+printf '%s\n' "${SUMMARY[@]}"
