@@ -20,6 +20,7 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of the scripts here (slow, no CUDA build: skip setup)
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -48,15 +49,15 @@ do_test() {
   stage test 420 "$PY -m pytest -q -m gpu -p no:cacheprovider tests -rs"
 }
 do_kernels() {
-  stage kernels 420 "$PY benchmarks/bench_ops.py --device cuda && $PY benchmarks/bench_attention.py --device cuda"
+  stage kernels 420 "$PY benchmarks/bench_ops.py --device $DEVICE && $PY benchmarks/bench_attention.py --device $DEVICE"
 }
 do_policy() {
-  stage policy 300 "$PY benchmarks/bench_policy.py --device cuda"
+  stage policy 300 "$PY benchmarks/bench_policy.py --device $DEVICE"
 }
 do_train() {
   local common="tensorboard=false plot=false iterations=2 eval_episodes=64 checkpoint_every=2"
   stage train 540 "
-    $PY benchmarks/bench_train.py --device cuda --model small --dtype bfloat16 --out benchmarks/RESULTS.md &&
+    $PY benchmarks/bench_train.py --device $DEVICE --model small --dtype bfloat16 --out benchmarks/RESULTS.md &&
     $PY flowrl/train.py --config flowrl/configs/reach_fpo.yaml $common run_dir=$OUT/fpo_z1 zero_stage=1 &&
     $PY flowrl/train.py --config flowrl/configs/reach_fpo.yaml $common run_dir=$OUT/fpo_z2 zero_stage=2 &&
     $PY flowrl/train.py --config flowrl/configs/reach_sft.yaml $common run_dir=$OUT/sft iterations=0 sft_iterations=2 &&
@@ -65,7 +66,7 @@ do_train() {
     rm -rf $OUT/*/checkpoints"
 }
 do_lerobot() {
-  stage lerobot 420 "$PY benchmarks/bench_lerobot.py --device cuda --sizes small --batches 1,8,64"
+  stage lerobot 420 "$PY benchmarks/bench_lerobot.py --device $DEVICE --sizes small --batches 1,8,64"
 }
 
 [ $# -eq 0 ] && set -- setup test kernels policy train lerobot
