@@ -55,13 +55,13 @@ do_policy() {
   stage policy 300 "$PY benchmarks/bench_policy.py --device $DEVICE"
 }
 do_train() {
-  local common="tensorboard=false plot=false iterations=2 eval_episodes=64 checkpoint_every=2"
+  local common="tensorboard=false plot=false iterations=2 sft_iterations=2 eval_episodes=64 checkpoint_every=2"
   stage train 540 "
     $PY benchmarks/bench_train.py --device $DEVICE --model small --dtype bfloat16 --out benchmarks/RESULTS.md &&
     $PY flowrl/train.py --config flowrl/configs/reach_fpo.yaml $common run_dir=$OUT/fpo_z1 zero_stage=1 &&
     $PY flowrl/train.py --config flowrl/configs/reach_fpo.yaml $common run_dir=$OUT/fpo_z2 zero_stage=2 &&
     $PY flowrl/train.py --config flowrl/configs/reach_sft.yaml $common run_dir=$OUT/sft iterations=0 sft_iterations=2 &&
-    $PY flowrl/train.py --config flowrl/configs/reach_vla_fpo.yaml $common run_dir=$OUT/vla zero_stage=2 \
+    $PY flowrl/train.py --config flowrl/configs/reach_vla_fpo.yaml $common sft_iterations=0 run_dir=$OUT/vla zero_stage=2 \
       model.init_from=\$(ls -d $OUT/sft/checkpoints/iter_* | tail -1) &&
     rm -rf $OUT/*/checkpoints"
 }
