@@ -73,6 +73,8 @@ class AlgoConfig:
     name: str = "fpo"
     num_steps: int = 4  # K denoising steps
     lr: float = 3e-4  # the RL phase's actor learning rate
+    # constant | linear | cosine (per iteration, from lr towards 0 over the RL iterations; the critic keeps critic_lr)
+    lr_schedule: str = "constant"
     sft_lr: float = 1e-3  # SFT / ARFM (and the SFT warm-up) learning rate
     # constant | cosine (per iteration, from sft_lr towards 0 over the offline phase's iterations)
     sft_lr_schedule: str = "constant"
@@ -263,6 +265,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"algo.vla_explore must be >= 0, got {a.vla_explore}")
     if a.vla_ratio not in ("standardized", "absolute"):
         raise ConfigError(f"algo.vla_ratio must be standardized or absolute, got {a.vla_ratio!r}")
+    if a.lr_schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"algo.lr_schedule must be constant, linear or cosine, got {a.lr_schedule!r}")
     if a.sft_lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"algo.sft_lr_schedule must be constant or cosine, got {a.sft_lr_schedule!r}")
     if a.critic_side not in ("auto", "expert", "vlm"):

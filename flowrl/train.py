@@ -181,6 +181,20 @@ def offline_lr(cfg: TrainConfig, it: int) -> float:
     return a.sft_lr * 0.5 * (1.0 + math.cos(math.pi * i / max(n, 1)))
 
 
+def rl_lr(cfg: TrainConfig, it: int) -> float:
+    """The RL phase's actor learning rate at iteration ``it`` (counted from the run's start, SFT warm-up
+    included): ``algo.lr``, or over the i-th of the n = ``iterations`` RL iterations ``lr · (1 − i/n)``
+    (``linear``, the annealing of common PPO implementations) or ``lr · (1 + cos(π·i/n))/2`` (``cosine``).
+    A function of the iteration alone, so ``--resume`` continues the schedule exactly."""
+    a = cfg.algo
+    i, n = it - cfg.sft_iterations, max(cfg.iterations, 1)
+    if a.lr_schedule == "linear":
+        return a.lr * (1.0 - i / n)
+    if a.lr_schedule == "cosine":
+        return a.lr * 0.5 * (1.0 + math.cos(math.pi * i / n))
+    return a.lr
+
+
 def _ds_config(cfg: TrainConfig) -> dict[str, Any]:
     bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and torch.cuda.is_available())
     return {
@@ -300,7 +314,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             obs = env.reset(seed=cfg.seed * 1000 + rank + 1)
             if rank == 0:
                 log(f"[flowrl] success after SFT: {result['eval_after_sft']['success_rate']:.3f}")
-        opt.param_groups[0]["lr"] = offline_lr(cfg, it) if algo.name in ("sft", "arfm") else cfg.algo.lr
+        opt.param_groups[0]["lr"] = offline_lr(cfg, it) if algo.name in ("sft", "arfm") else rl_lr(cfg, it)
         t0 = time.perf_counter()
         policy.eval()
         batch, obs = algo.rollout(env, policy, obs)
@@ -324,7 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         t_upd = time.perf_counter() - t1
         metrics = {k: sum(v) / len(v) for k, v in agg.items()}
         metrics.update({k: float(v) for k, v in batch.stats.items()})
-        metrics.update(rollout_s=t_roll, update_s=t_upd, samples=float(len(batch)),
+        metrics.update(rollout_s=t_roll, update_s=t_upd, samples=float(len(batch)), lr=float(opt.param_groups[0]["lr"]),
                        rollout_samples_per_s=len(batch) / max(t_roll, 1e-9),
                        update_samples_per_s=processed / max(t_upd, 1e-9),
                        rollout_fraction=t_roll / max(t_roll + t_upd, 1e-9))

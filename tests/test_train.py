@@ -226,6 +226,7 @@ BAD_CLI = {
     "aim noise": (["env.expert_aim_noise=-1"], "env.expert_aim_noise must be >= 0"),
     "reach radius": (["env.success_radius=0"], "env.success_radius and env.max_speed must be > 0"),
     "sft lr schedule": (["algo.sft_lr_schedule=linear"], "algo.sft_lr_schedule must be constant or cosine"),
+    "rl lr schedule": (["algo.lr_schedule=step"], "algo.lr_schedule must be constant, linear or cosine"),
     "vla ratio": (["algo.vla_ratio=raw"], "algo.vla_ratio must be standardized or absolute"),
 }
 
@@ -244,6 +245,26 @@ def test_offline_lr_schedule():
     assert lrs[0] == 2e-3 and abs(lrs[2] - 1e-3) < 1e-12 and 0 < lrs[3] < lrs[2] < lrs[1] < lrs[0]
     cfg.sft_iterations = 0  # a standalone SFT / ARFM run: over `iterations`
     assert abs(offline_lr(cfg, 5) - 1e-3) < 1e-12 and offline_lr(cfg, 0) == 2e-3
+
+
+def test_rl_lr_schedule():
+    """The RL actor's learning rate per iteration: constant, linear or cosine over the RL iterations, which
+    start after the SFT warm-up; never negative, and a function of the iteration alone (resume)."""
+    from flowrl.config import TrainConfig
+    from flowrl.train import rl_lr
+
+    cfg = TrainConfig()
+    cfg.algo.lr, cfg.sft_iterations, cfg.iterations = 4e-3, 3, 8
+    assert [rl_lr(cfg, i) for i in range(3, 11)] == [4e-3] * 8
+    cfg.algo.lr_schedule = "linear"
+    lrs = [rl_lr(cfg, i) for i in range(3, 11)]
+    assert lrs[0] == 4e-3 and abs(lrs[4] - 2e-3) < 1e-12 and abs(lrs[-1] - 0.5e-3) < 1e-12
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == len(lrs)
+    cfg.algo.lr_schedule = "cosine"
+    lrs = [rl_lr(cfg, i) for i in range(3, 11)]
+    assert lrs[0] == 4e-3 and abs(lrs[4] - 2e-3) < 1e-12 and 0 < lrs[-1] < lrs[-2]
+    cfg.sft_iterations = 0
+    assert rl_lr(cfg, 0) == 4e-3 and abs(rl_lr(cfg, 4) - 2e-3) < 1e-12
 
 
 @pytest.mark.parametrize("case", list(BAD_CLI))
