@@ -112,6 +112,9 @@ class AlgoConfig:
     vla_ensemble: int = 2
     vla_explore: float = 0.1  # std of the Gaussian added to the actor's rollout latents (not at evaluation)
     vla_tau: float = 0.01
+    # V(s) for GAE: 0 = min-Q at the actor's noise-free latent (z0 = 0); S > 0 = the mean of min-Q over S of
+    # the actor's rollout latents (exploration noise included), an estimate of E_x~π[min Q(s, x)]
+    vla_value_samples: int = 0
     vla_clip: bool = True
     vla_spo: bool = False  # the trust region in SPO's penalty form instead of clipping (with vla_clip)
     vla_ratio: str = "standardized"  # standardized: exp(β·z) (the paper) | absolute: exp(β·Δℓ) (a trust region)
@@ -261,6 +264,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if not (cfg.env.success_radius > 0 and cfg.env.max_speed > 0):
         raise ConfigError(f"env.success_radius and env.max_speed must be > 0, got {cfg.env.success_radius}, "
                           f"{cfg.env.max_speed}")
+    if a.vla_value_samples < 0:
+        raise ConfigError(f"algo.vla_value_samples must be >= 0, got {a.vla_value_samples}")
     if not a.vla_explore >= 0.0:
         raise ConfigError(f"algo.vla_explore must be >= 0, got {a.vla_explore}")
     if a.vla_ratio not in ("standardized", "absolute"):

@@ -147,3 +147,25 @@ def test_exploration_noise_scale():
     assert (latents[0.3] - base).std() > 2.5 * (latents[0.1] - base).std() > 0
     with pytest.raises(ConfigError, match=r"algo\.vla_explore must be >= 0"):
         load_config(None, ["algo.name=vla_fpo", "algo.vla_explore=-0.1"])
+
+
+def test_value_over_actor_samples():
+    """vla_value_samples = S: V(s) is the mean of the ensemble-min Q over S latents drawn as the rollout draws
+    them (the actor's sample plus exploration noise), not the Q of the noise-free latent."""
+    env, policy, algo = _setup(vla_value_samples=5, vla_explore=0.3)
+    modules = algo.trainable_module(policy, env)
+    torch.nn.init.normal_(modules.actor.net[-1].weight, std=0.1)  # a non-identity actor
+    _, cond = algo._cond(policy, env.reset(seed=2), torch.device("cpu"))
+    state = algo.gen.get_state()
+    v = algo._value(cond)
+    assert v.shape == (cond.shape[0],)
+    algo.gen.set_state(state)
+    cs = cond.repeat_interleave(5, 0)
+    x = modules.actor.sample(cs, algo.cfg.vla_latent_steps, algo.cfg.vla_eta, algo.gen)
+    x = x + 0.3 * torch.randn(x.shape, generator=algo.gen)
+    want = modules.value_critic(cs, x).amin(dim=1).view(-1, 5).mean(1)
+    assert torch.allclose(v, want, atol=1e-6)
+    algo.cfg.vla_value_samples = 0
+    x0 = modules.actor.sample(cond, algo.cfg.vla_latent_steps, algo.cfg.vla_eta, z0=torch.zeros(len(cond), x.shape[1]))
+    assert torch.allclose(algo._value(cond), modules.value_critic(cond, x0).amin(dim=1))
+    assert not torch.allclose(v, algo._value(cond))

@@ -193,8 +193,14 @@ class VLAFPO(Algorithm):
         return x
 
     def _value(self, cond: torch.Tensor) -> torch.Tensor:
+        """V(s) ``(B,)`` from the ensemble-min Q: at the actor's noise-free latent, or (``vla_value_samples``
+        = S > 0) averaged over S latents drawn as the rollout draws them."""
         assert self.modules is not None
+        S = self.cfg.vla_value_samples
         with torch.no_grad():
+            if S > 0:
+                cs = cond.repeat_interleave(S, 0)
+                return self.modules.value_critic(cs, self._latent(cs, explore=True)).amin(dim=1).view(-1, S).mean(1)
             x_hat = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta,
                                               z0=torch.zeros(cond.shape[0], self.dims[1], device=cond.device))
             return self.modules.value_critic(cond, x_hat).amin(dim=1)
