@@ -110,6 +110,7 @@ class AlgoConfig:
     vla_latent_steps: int = 2
     vla_eta: float = 1.0  # 1: the latent sampler walks the actor's whole flow (0.5 keeps > 1/3 of its initial noise)
     vla_ensemble: int = 2
+    vla_hidden: int = 256  # width of the latent actor's and each Q-head's 2-hidden-layer MLP
     vla_explore: float = 0.1  # std of the Gaussian added to the actor's rollout latents (not at evaluation)
     vla_tau: float = 0.01
     # V(s) for GAE: 0 = min-Q at the actor's noise-free latent (z0 = 0); S > 0 = the mean of min-Q over S of
@@ -264,6 +265,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if not (cfg.env.success_radius > 0 and cfg.env.max_speed > 0):
         raise ConfigError(f"env.success_radius and env.max_speed must be > 0, got {cfg.env.success_radius}, "
                           f"{cfg.env.max_speed}")
+    if a.vla_hidden < 1:
+        raise ConfigError(f"algo.vla_hidden must be >= 1, got {a.vla_hidden}")
     if a.vla_value_samples < 0:
         raise ConfigError(f"algo.vla_value_samples must be >= 0, got {a.vla_value_samples}")
     if not a.vla_explore >= 0.0:

@@ -227,6 +227,7 @@ BAD_CLI = {
     "reach radius": (["env.success_radius=0"], "env.success_radius and env.max_speed must be > 0"),
     "sft lr schedule": (["algo.sft_lr_schedule=linear"], "algo.sft_lr_schedule must be constant or cosine"),
     "rl lr schedule": (["algo.lr_schedule=step"], "algo.lr_schedule must be constant, linear or cosine"),
+    "vla hidden": (["algo.vla_hidden=0"], "algo.vla_hidden must be >= 1"),
     "vla value samples": (["algo.vla_value_samples=-1"], "algo.vla_value_samples must be >= 0"),
     "vla ratio": (["algo.vla_ratio=raw"], "algo.vla_ratio must be standardized or absolute"),
 }

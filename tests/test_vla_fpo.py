@@ -169,3 +169,15 @@ def test_value_over_actor_samples():
     x0 = modules.actor.sample(cond, algo.cfg.vla_latent_steps, algo.cfg.vla_eta, z0=torch.zeros(len(cond), x.shape[1]))
     assert torch.allclose(algo._value(cond), modules.value_critic(cond, x0).amin(dim=1))
     assert not torch.allclose(v, algo._value(cond))
+
+
+def test_hidden_width():
+    """algo.vla_hidden sets the width of the latent actor's and every Q-head's MLP; one update still runs."""
+    env, policy, algo = _setup(vla_hidden=24)
+    modules = algo.trainable_module(policy, env)
+    assert modules.actor.net[0].out_features == 24 and modules.actor.net[2].out_features == 24
+    assert all(h[0].out_features == 24 for h in modules.value_critic.heads)
+    assert all(h[0].out_features == 24 for h in algo.target.heads)
+    batch, _ = algo.rollout(env, policy, env.reset(seed=3))
+    loss, _ = algo.loss(modules, next(iter(algo.minibatches(batch))))
+    assert torch.isfinite(loss)
