@@ -170,15 +170,23 @@ def _init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def _annealed(lr: float, schedule: str, i: int, n: int) -> float:
+    """``lr`` at the i-th of n iterations: ``constant``, ``linear`` ``lr · (1 − i/n)`` or ``cosine``
+    ``lr · (1 + cos(π·i/n))/2``."""
+    n = max(n, 1)
+    if schedule == "linear":
+        return lr * (1.0 - i / n)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * i / n))
+    return lr
+
+
 def offline_lr(cfg: TrainConfig, it: int) -> float:
     """The SFT / ARFM learning rate of iteration ``it``: ``algo.sft_lr``, or with ``algo.sft_lr_schedule
     = cosine`` ``sft_lr · (1 + cos(π·i/n))/2`` for the i-th of the n offline iterations (the SFT warm-up's
     ``sft_iterations``, or ``iterations`` when SFT / ARFM is the run's algorithm)."""
-    a = cfg.algo
-    if a.sft_lr_schedule == "constant":
-        return a.sft_lr
     i, n = (it, cfg.sft_iterations) if it < cfg.sft_iterations else (it - cfg.sft_iterations, cfg.iterations)
-    return a.sft_lr * 0.5 * (1.0 + math.cos(math.pi * i / max(n, 1)))
+    return _annealed(cfg.algo.sft_lr, cfg.algo.sft_lr_schedule, i, n)
 
 
 def rl_lr(cfg: TrainConfig, it: int) -> float:
@@ -186,13 +194,7 @@ def rl_lr(cfg: TrainConfig, it: int) -> float:
     included): ``algo.lr``, or over the i-th of the n = ``iterations`` RL iterations ``lr · (1 − i/n)``
     (``linear``, the annealing of common PPO implementations) or ``lr · (1 + cos(π·i/n))/2`` (``cosine``).
     A function of the iteration alone, so ``--resume`` continues the schedule exactly."""
-    a = cfg.algo
-    i, n = it - cfg.sft_iterations, max(cfg.iterations, 1)
-    if a.lr_schedule == "linear":
-        return a.lr * (1.0 - i / n)
-    if a.lr_schedule == "cosine":
-        return a.lr * 0.5 * (1.0 + math.cos(math.pi * i / n))
-    return a.lr
+    return _annealed(cfg.algo.lr, cfg.algo.lr_schedule, it - cfg.sft_iterations, cfg.iterations)
 
 
 def _ds_config(cfg: TrainConfig) -> dict[str, Any]:

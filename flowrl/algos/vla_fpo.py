@@ -174,13 +174,14 @@ class VLAFPO(Algorithm):
             pobs.batch_size, policy.config.max_state_dim, device=dev)
         return cache, torch.cat([cache.pooled.float(), state.float()], dim=-1).detach()
 
-    def _pi0_noise(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _pi0_noise(self, x: torch.Tensor, gen: torch.Generator, base: torch.Tensor | None = None) -> torch.Tensor:
         """π0's initial noise ``(B, H, D)``: the latent ``x (B, H·A_env)`` in the real action dims,
-        a fresh ``N(0, I)`` draw in the padded ones."""
+        ``base (B, H, D)`` (written in place; by default a fresh ``N(0, I)`` draw from ``gen``) in the
+        padded ones."""
         assert self.dim_mask is not None
         B, D = x.shape[0], self.dim_mask.shape[0]
         H = x.shape[1] // int(self.dim_mask.sum())
-        noise = to_device(torch.randn(B, H, D, generator=gen), x.device)
+        noise = base if base is not None else to_device(torch.randn(B, H, D, generator=gen), x.device)
         noise[:, :, self.dim_mask] = x.view(B, H, -1).to(noise.dtype)
         return noise
 
@@ -222,8 +223,7 @@ class VLAFPO(Algorithm):
         base = to_device(torch.randn(cond.shape[0], c.action_horizon, c.action_dim, generator=gen), dev)
         z0 = base[:, :, self.dim_mask].reshape(cond.shape[0], -1)
         x = self.modules.actor.sample(cond, self.cfg.vla_latent_steps, self.cfg.vla_eta, z0=z0)
-        base[:, :, self.dim_mask] = x.view(cond.shape[0], c.action_horizon, -1).to(base.dtype)
-        return base
+        return self._pi0_noise(x, gen, base=base)
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
