@@ -418,6 +418,26 @@ def _wandb_logged(run_file: Path) -> tuple[dict, dict[int, dict[str, float]], di
     return run, history, summary
 
 
+def _wandb_closed(run: Path, timeout: float = 60.0) -> str:
+    """Wait until wandb-core has closed ``run``'s stream, and return its internal log.
+
+    ``Run.finish()`` waits for the exit record, but tells the service that the run is done without waiting
+    (``inform_finish``), so the transaction log is closed, and a stream with the same id may still be open,
+    a little later: CI once saw a resumed run's file without its history. Read the file only after
+    ``stream: all finished``, and start a resumed run only after its predecessor's stream is gone."""
+    import time
+
+    log = run / "logs" / "debug-internal.log"
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text() if log.exists() else ""
+        if "stream: all finished" in text:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"wandb-core did not close the stream of {run} within {timeout} s:\n{text[-3000:]}")
+        time.sleep(0.1)
+
+
 def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
     """wandb=offline logs every iteration's metrics under run_dir/wandb; --resume continues the same W&B run."""
     pytest.importorskip("wandb", reason="wandb is optional (pip install -e .[wandb])")
@@ -429,6 +449,7 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
     first = _run(run_dir, *common, "iterations=2")
     run_id = (run_dir / "wandb_id").read_text().strip()
     (run1,) = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    _wandb_closed(run1)
     run, history, summary = _wandb_logged(run1 / f"run-{run_id}.wandb")
     assert run.run_id == run_id and run.project == "flowrl" and not run.resumed
     assert sorted(history) == [0, 1]
@@ -446,8 +467,10 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
     assert (run_dir / "wandb_id").read_text().strip() == run_id  # the same W&B run, resumed
     runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2
+    internal = _wandb_closed(runs[-1])
     _, history, _ = _wandb_logged(runs[-1] / f"run-{run_id}.wandb")
-    assert sorted(history) == [2]
+    kinds = [r.WhichOneof("record_type") for r in _wandb_records(runs[-1] / f"run-{run_id}.wandb")]
+    assert sorted(history) == [2], (kinds, internal[-3000:])
     assert history[2]["policy_loss"] == pytest.approx(second["history"][-1]["policy_loss"])
 
 
