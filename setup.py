@@ -57,7 +57,8 @@ def _want_cuda() -> bool:
 
 # No -std flag: torch.utils.cpp_extension adds the C++ standard its headers need (C++20 for torch 2.13).
 cxx_flags = ["-O3", "-g0", "-fopenmp"]
-sources = [os.path.relpath(p, ROOT) for p in ["csrc/bindings.cpp", *sorted(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]]
+cpu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))
+sources = [os.path.relpath(p, ROOT) for p in ["csrc/bindings.cpp", *cpu_sources]]
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if _want_cuda():

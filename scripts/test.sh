@@ -13,5 +13,5 @@ if [ "${FLOWRL_SKIP_LEROBOT:-0}" != "1" ]; then
 fi
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
-ruff check flowkernels flowrl tests benchmarks scripts
+ruff check .
 python -m pytest -q -ra tests "$@"
