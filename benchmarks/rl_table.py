@@ -17,6 +17,7 @@ with the settings, commit and date, and ``--json`` writes every run's numbers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -43,13 +44,55 @@ CONFIG = {"fpo": "reach_fpo.yaml", "vla_fpo": "reach_vla_fpo.yaml", "flow_noise_
           "arfm": "reach_arfm.yaml"}
 
 
+def weights_digest(checkpoint: str | Path) -> str:
+    """The first 16 hex digits of a sha256 over a checkpoint's policy weights.
+
+    Hashes every tensor of ``checkpoint/policy/*.safetensors`` (name, dtype, shape and bytes, in
+    name order), not the files, so it identifies the weights themselves: two runs that evaluate
+    identically can still have started RL from different weights, and only this tells them apart.
+    """
+    import torch
+    from safetensors import safe_open
+
+    files = sorted((Path(checkpoint) / "policy").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"weights_digest: no policy/*.safetensors under {checkpoint}")
+    h = hashlib.sha256()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in sorted(st.keys()):
+                t = st.get_tensor(k).contiguous()
+                h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _init_from(overrides: list[str]) -> str | None:
+    inits = [o.split("=", 1)[1] for o in overrides if o.startswith("model.init_from=")]
+    return inits[-1] if inits else None
+
+
 def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = True, reuse: bool = False) -> dict:
-    """One trainer process; returns success before/after, env steps and wall time (also written to
-    ``<run>.result.json``; with ``reuse`` a run whose result file exists is not run again)."""
+    """One trainer process; returns success before/after, env steps, wall time, the commit, and the
+    digests (:func:`weights_digest`) of the final checkpoint (``weights``) and of the one RL started
+    from (``init_weights``); also written to ``<run>.result.json``. With ``reuse`` a run whose result
+    file exists is not run again, after checking that its checkpoint still has the recorded weights
+    and, for an RL run, that it started from the checkpoint it is now given (same digest)."""
+    from flowrl.checkpoint import latest_checkpoint
+
     run_dir = out_dir / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
     done = out_dir / f"{run_dir.name}.result.json"
+    init = _init_from(overrides)
     if reuse and done.is_file():
         r = json.loads(done.read_text())
+        ckpt = latest_checkpoint(run_dir)
+        if "weights" in r and ckpt is not None and weights_digest(ckpt) != r["weights"]:
+            raise RuntimeError(f"{name}: {ckpt} does not hold the weights {done} was recorded with "
+                               f"(digest {weights_digest(ckpt)}, recorded {r['weights']}); rerun it "
+                               "without --reuse or restore the checkpoint")
+        if init is not None and "init_weights" in r and weights_digest(init) != r["init_weights"]:
+            raise RuntimeError(f"{name}: {done} started from weights {r['init_weights']}, but the run would now "
+                               f"start from {init} (digest {weights_digest(init)}); rerun it without --reuse")
         if log:
             print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  (reused {done})", flush=True)
         return {**r, "reused": True}
@@ -75,6 +118,11 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
 
     r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall,
          "commit": _commit()}
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        r["weights"] = weights_digest(ckpt)
+    if init is not None:
+        r["init_weights"] = weights_digest(init)
     done.write_text(json.dumps(r))
     if log:
         print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  env steps {steps:.0f}  {wall:.0f} s",
@@ -117,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reuse", action="store_true",
                    help="do not rerun a run whose result is in the work dir (to add algorithms to a table)")
     args = p.parse_args(argv)
+    from flowrl.checkpoint import latest_checkpoint
+
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[float]] = {}
@@ -134,8 +184,6 @@ def main(argv: list[str] | None = None) -> dict:
         sft = run("sft", "sft", [*common, "iterations=0", f"sft_iterations={args.sft_iterations}",
                                  f"checkpoint_every={args.sft_iterations}"], sd, reuse=args.reuse)
         add("sft", sft)
-        from flowrl.checkpoint import latest_checkpoint
-
         init = latest_checkpoint(sd / "sft")
         if init is None:
             raise RuntimeError(f"the SFT run wrote no checkpoint under {sd / 'sft'}")
@@ -157,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         from bench_ops import _commit, _device_name  # type: ignore[import-not-found]
 
         wall = sum(r["wall_s"] for rs in runs.values() for r in rs)
+        sft_w = [r.get("weights", "not recorded") for r in runs.get("sft", [])]
         reused = [f"{n} ({', '.join(sorted({r.get('commit', 'commit not recorded') for r in rs}))})"
                   for n, rs in runs.items() if any(r.get("reused") for r in rs)]
         head = (f"\n### Built-in task: success after SFT and after RL ({time.strftime('%Y-%m-%d')}, commit "
@@ -165,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"iterations {args.iterations}, SFT iterations {args.sft_iterations}, {args.eval_episodes} "
                 f"evaluation episodes; the task of flowrl/configs/reach_*.yaml"
                 + (f"; rows reused from earlier runs in {args.work_dir} (`--reuse`; the commit they ran at): "
-                   f"{', '.join(reused)}" if reused else "") + "\n\n")
+                   f"{', '.join(reused)}" if reused else "")
+                + (f"; SFT checkpoints (`weights_digest`, per seed): {', '.join(sft_w)}" if sft_w else "") + "\n\n")
         with open(args.out, "a") as f:
             f.write(head + table + "\n")
     if args.json:
