@@ -86,13 +86,13 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
     if reuse and done.is_file():
         r = json.loads(done.read_text())
         ckpt = latest_checkpoint(run_dir)
-        if "weights" in r and ckpt is not None and weights_digest(ckpt) != r["weights"]:
+        if "weights" in r and ckpt is not None and (now := weights_digest(ckpt)) != r["weights"]:
             raise RuntimeError(f"{name}: {ckpt} does not hold the weights {done} was recorded with "
-                               f"(digest {weights_digest(ckpt)}, recorded {r['weights']}); rerun it "
-                               "without --reuse or restore the checkpoint")
-        if init is not None and "init_weights" in r and weights_digest(init) != r["init_weights"]:
+                               f"(digest {now}, recorded {r['weights']}); rerun it without --reuse or "
+                               "restore the checkpoint")
+        if init is not None and "init_weights" in r and (now := weights_digest(init)) != r["init_weights"]:
             raise RuntimeError(f"{name}: {done} started from weights {r['init_weights']}, but the run would now "
-                               f"start from {init} (digest {weights_digest(init)}); rerun it without --reuse")
+                               f"start from {init} (digest {now}); rerun it without --reuse")
         if log:
             print(f"  {name:28s} success {r['before']:.3f} -> {r['after']:.3f}  (reused {done})", flush=True)
         return {**r, "reused": True}

@@ -26,6 +26,16 @@ flowkernels._backend._load_triton()
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def lerobot_python() -> Path | None:
     """The lerobot venv's interpreter (``$LEROBOT_VENV``, default ``.venv-lerobot`` in the repo), if it exists."""
     venv = Path(os.environ.get("LEROBOT_VENV", ".venv-lerobot"))

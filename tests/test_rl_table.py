@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from safetensors.torch import save_file
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_table.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("rl_table", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("rl_table")
 
 
 def _checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], it: int = 14) -> Path:
