@@ -44,6 +44,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from flowkernels.ops.triton_kernels import _cast_out
 
@@ -400,6 +401,51 @@ def _config(
     return bm, bn, bd, warps, stages
 
 
+def _smaller(cfg: tuple[int, int, int, int, int]) -> tuple[int, int, int, int, int] | None:
+    """The next smaller tiles: one pipeline stage first, then halve the larger block (>= 16)."""
+    bm, bn, bd, warps, stages = cfg
+    if stages > 1:
+        return bm, bn, bd, warps, 1
+    if bm >= bn and bm > 16:
+        bm //= 2
+    elif bn > 16:
+        bn //= 2
+    else:
+        return None
+    return bm, bn, bd, min(warps, 4) if bm * bn <= 1024 else warps, stages
+
+
+# (kernel, device, dtype, tiles asked for, flags) -> tiles that launched on that device.
+_FITTED: dict[tuple, tuple[int, int, int, int, int]] = {}
+
+
+def _launch(kernel, grid, cfg, fit: bool, device: torch.device, dtype: torch.dtype, *args, **flags) -> None:
+    """``kernel[grid(BLOCK_M, BLOCK_N)](*args, **flags, BLOCK_*=…, num_warps=…, num_stages=…)``.
+
+    The default tiles suit the shared memory of an H100/H200 (227 KiB per block). On a GPU with
+    less (A100: 163 KiB; sm_86/sm_89 parts such as the RTX 3090/4090, A6000, L4, L40: 99 KiB) a
+    launch that Triton refuses with ``OutOfResources`` is retried with smaller tiles (``fit``:
+    only when the caller did not pick the tiles), and the tiles that launched are remembered per
+    device. ``scripts/triton_compile_check.py --arch 86`` shows which kernels need it.
+    """
+    key = (kernel, device, dtype, cfg, tuple(sorted(flags.items())))
+    tiles = _FITTED.get(key, cfg)
+    while True:
+        bm, bn, bd, warps, stages = tiles
+        try:
+            kernel[grid(bm, bn)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+                                 num_stages=stages)  # fmt: skip
+        except OutOfResources:
+            smaller = _smaller(tiles) if fit else None
+            if smaller is None:
+                raise
+            tiles = smaller
+            continue
+        if tiles != cfg:
+            _FITTED[key] = tiles
+        return
+
+
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -414,25 +460,27 @@ def _flags(dtype: torch.dtype) -> tuple[bool, bool]:
     return f32, dtype == torch.float32 and not _INTERPRET
 
 
-def _forward(q, k, v, pk, pv, valid_u8, smask_u8, group_size, scale, impl, cfg):
+def _forward(q, k, v, pk, pv, valid_u8, smask_u8, group_size, scale, impl, cfg, fit=False):
     BN, S, Hq, D = q.shape
     B, P, Hkv, _ = pk.shape
     G = Hq // Hkv
-    bm, bn, bd, warps, stages = cfg
     f32, ieee = _flags(q.dtype)
     dummy = q  # never read when the matching HAS_* flag is off
-    common = dict(HAS_VALID=valid_u8 is not None, HAS_SMASK=smask_u8 is not None, F32=f32, IEEE=ieee,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    common = dict(HAS_VALID=valid_u8 is not None, HAS_SMASK=smask_u8 is not None, F32=f32, IEEE=ieee)
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv),
             group_size, S, P, Hkv, G, D, scale * _LOG2E)
-    grid = (triton.cdiv(group_size * S * G, bm), B * Hkv)
+
+    def grid(bm, bn):
+        return triton.cdiv(group_size * S * G, bm), B * Hkv
+
     vm = valid_u8 if valid_u8 is not None else dummy
     sm = smask_u8 if smask_u8 is not None else dummy
     if impl == "fused":
         out = torch.empty(BN, S, Hq, D, device=q.device, dtype=q.dtype)
         lse = torch.empty(BN, S, Hq, device=q.device, dtype=torch.float32)
         if BN and S:
-            _fwd_kernel[grid](q, k, v, pk, pv, vm, sm, out, lse, *args, DO_PREFIX=True, DO_SUFFIX=True, **common)
+            _launch(_fwd_kernel, grid, cfg, fit, q.device, q.dtype, q, k, v, pk, pv, vm, sm, out, lse, *args,
+                    DO_PREFIX=True, DO_SUFFIX=True, **common)
         return out, lse
     from flowkernels.ops.attention import merge_attention_states
 
@@ -441,18 +489,17 @@ def _forward(q, k, v, pk, pv, valid_u8, smask_u8, group_size, scale, impl, cfg):
         o = torch.empty(BN, S, Hq, D, device=q.device, dtype=torch.float32)
         ls = torch.empty(BN, S, Hq, device=q.device, dtype=torch.float32)
         if BN and S:
-            _fwd_kernel[grid](q, k, v, pk, pv, vm, sm, o, ls, *args, DO_PREFIX=do_prefix, DO_SUFFIX=not do_prefix,
-                              **common)
+            _launch(_fwd_kernel, grid, cfg, fit, q.device, q.dtype, q, k, v, pk, pv, vm, sm, o, ls, *args,
+                    DO_PREFIX=do_prefix, DO_SUFFIX=not do_prefix, **common)
         parts += [o, ls]
     out, lse = merge_attention_states(*parts)
     return out.to(q.dtype), lse
 
 
-def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_size, scale, cfg, needs):
+def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_size, scale, cfg, needs, fit=False):
     BN, S, Hq, D = q.shape
     B, P, Hkv, _ = pk.shape
     G = Hq // Hkv
-    bm, bn, bd, warps, stages = cfg
     f32, ieee = _flags(q.dtype)
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)
@@ -462,15 +509,16 @@ def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_s
     dummy = q
     vm = valid_u8 if valid_u8 is not None else dummy
     sm = smask_u8 if smask_u8 is not None else dummy
-    meta = dict(F32=f32, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    meta = dict(F32=f32, IEEE=ieee)
+    dev, dt = q.device, q.dtype
     dq = dk = dv = dpk = dpv = None
     if not (BN and S):
         z = [torch.zeros_like(t) for t in (q, k, v, pk, pv)]
         return tuple(zz if need else None for zz, need in zip(z, needs))
     if needs[0]:
         dq = torch.empty(BN, S, Hq, D, device=q.device, dtype=q.dtype)
-        grid = (triton.cdiv(group_size * S * G, bm), B * Hkv)
-        _bwd_dq_kernel[grid](
+        _launch(
+            _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(group_size * S * G, bm), B * Hkv), cfg, fit, dev, dt,
             q, k, v, pk, pv, vm, sm, dout, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv),
             group_size, S, P, Hkv, G, D, scale * _LOG2E, scale,
@@ -480,8 +528,8 @@ def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_s
         dpk = torch.empty(B, P, Hkv, D, device=q.device, dtype=pk.dtype)
         dpv = torch.empty_like(dpk)
         if P:
-            grid = (triton.cdiv(P, bn), B * Hkv)
-            _bwd_dkdv_kernel[grid](
+            _launch(
+                _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(P, bn), B * Hkv), cfg, fit, dev, dt,
                 q, pk, pv, vm, dout, lse, delta, dpk, dpv,
                 *_strides(q), *_strides(pk), *_strides(pv),
                 group_size, S, P, Hkv, G, D, scale * _LOG2E, scale,
@@ -490,8 +538,8 @@ def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_s
     if needs[1] or needs[2]:
         dk = torch.empty(BN, S, Hkv, D, device=q.device, dtype=k.dtype)
         dv = torch.empty_like(dk)
-        grid = (triton.cdiv(S, bn), BN * Hkv)
-        _bwd_dkdv_kernel[grid](
+        _launch(
+            _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), BN * Hkv), cfg, fit, dev, dt,
             q, k, v, sm, dout, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v),
             1, S, S, Hkv, G, D, scale * _LOG2E, scale,
@@ -504,10 +552,10 @@ class PrefixAttentionTriton(torch.autograd.Function):
     """Forward by the fused (or split) kernel; backward by the dq and dk/dv kernels."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pk, pv, valid_u8, smask_u8, group_size, scale, impl, cfg):
-        out, lse = _forward(q, k, v, pk, pv, valid_u8, smask_u8, group_size, scale, impl, cfg)
+    def forward(ctx, q, k, v, pk, pv, valid_u8, smask_u8, group_size, scale, impl, cfg, fit):
+        out, lse = _forward(q, k, v, pk, pv, valid_u8, smask_u8, group_size, scale, impl, cfg, fit)
         ctx.save_for_backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse)
-        ctx.group_size, ctx.scale, ctx.cfg = group_size, scale, cfg
+        ctx.group_size, ctx.scale, ctx.cfg, ctx.fit = group_size, scale, cfg, fit
         return out, lse
 
     @staticmethod
@@ -515,8 +563,8 @@ class PrefixAttentionTriton(torch.autograd.Function):
         q, k, v, pk, pv, valid_u8, smask_u8, out, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
         grads = _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, ctx.group_size, ctx.scale,
-                          ctx.cfg, needs)
-        return (*grads, None, None, None, None, None, None)
+                          ctx.cfg, needs, ctx.fit)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def prefix_attention_triton(
@@ -569,5 +617,6 @@ def prefix_attention_triton(
     q, k, v, prefix_k, prefix_v = (_last_contig(t) for t in (q, k, v, prefix_k, prefix_v))
     valid_u8 = valid.to(torch.uint8).contiguous() if valid is not None else None
     smask_u8 = suffix_mask.to(torch.uint8).contiguous() if suffix_mask is not None else None
+    fit = block_m is None and block_n is None  # tiles chosen here may shrink to fit the device
     return PrefixAttentionTriton.apply(q, k, v, prefix_k, prefix_v, valid_u8, smask_u8, int(group_size),
-                                       float(scale), impl, cfg)
+                                       float(scale), impl, cfg, fit)
