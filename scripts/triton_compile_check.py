@@ -7,8 +7,8 @@ device's limits but launches nothing. Triton's real compiler runs its whole pipe
 specialization (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin by the ptxas bundled with Triton), and
 its own load-time checks run against the stand-in's limits: shared memory per block, and threads
 per block given the registers ptxas allocated. Per compiled kernel the report gives warps,
-stages, shared memory, registers and local memory (spills) as ``cuobjdump -res-usage`` reads them
-from the cubin.
+stages, shared memory, registers, local memory and stack frame (spills) as ``cuobjdump -res-usage``
+reads them from the cubin.
 
 What it does not check: results (nothing runs; the GPU tests do that, ``pytest -m gpu``), and
 anything the CUDA driver decides at load time beyond these limits.
@@ -288,6 +288,15 @@ def all_cases(quick: bool) -> Iterator[Case]:
     yield from _attention_cases(quick)
 
 
+def _forget_device_properties() -> None:
+    """Triton caches a device's shared-memory limit by device index: drop it when the target changes."""
+    from triton.compiler import compiler
+
+    cached = getattr(compiler, "max_shared_mem", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
 def run(arch: int, cases: Iterable[Case]) -> tuple[list[Row], list[str], float]:
     """Compile ``cases`` for ``sm_<arch>``: ``(rows, failures, seconds)``; one row per compiled kernel."""
     from triton.runtime.driver import driver
@@ -296,6 +305,7 @@ def run(arch: int, cases: Iterable[Case]) -> tuple[list[Row], list[str], float]:
 
     previous = driver._active
     driver.set_active(CompileOnlyDriver(arch))
+    _forget_device_properties()
     check_device = tk._check_device
     # The launchers refuse CPU tensors outside the interpreter; here nothing is launched.
     tk._check_device = lambda device, **tensors: None
@@ -343,11 +353,15 @@ def run(arch: int, cases: Iterable[Case]) -> tuple[list[Row], list[str], float]:
                     print(
                         f"{'ok  ' if fits else 'over'} sm_{arch} {row.kernel:18s} {tiles:38s} warps={row.num_warps} "
                         f"stages={row.num_stages} smem={row.shared:6d} regs={row.regs:3d} local={row.local} "
-                        f"| {case.name}",
+                        f"stack={row.stack} | {case.name}",
                         flush=True,
                     )
     finally:
+        for kern in kernels:  # nothing was loaded: keep Triton from unloading the stand-in's handles
+            for c in _compiled(kern):
+                c.module = None
         tk._check_device = check_device
+        _forget_device_properties()
         driver._active = previous  # (reset_active would look for a real GPU driver)
     return rows, failures, time.perf_counter() - t0
 
@@ -371,12 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             rows, fails, secs = run(a, cases)
             all_rows += rows
             all_fail += fails
-            spills = [r for r in rows if r.local > 0]
+            spills = [r for r in rows if r.local > 0 or r.stack > 0]
             over = [r for r in rows if not r.fits]
             print(
                 f"== sm_{a}: {len(rows)} kernels compiled in {secs:.0f} s, {len(fails)} failures, "
                 f"{len(over)} over the device's limits (the launcher retried them with smaller tiles), "
-                f"{len(spills)} with local memory (spills); triton {triton.__version__}, torch {torch.__version__}",
+                f"{len(spills)} with local memory (spills or a stack frame); "
+                f"triton {triton.__version__}, torch {torch.__version__}",
                 flush=True,
             )
     if args.json:

@@ -71,8 +71,8 @@ def test_resource_overflow_is_reported():
 
 def test_backward_tiles_shrink_to_fit_a_99kib_gpu():
     """sm_86/sm_89 GPUs (RTX 3090/4090, A6000, L4, L40) have 99 KiB of shared memory per block:
-    pi0's attention backward (d = 256) does not fit its H100 tiles there; the launcher must retry
-    with smaller tiles that do, and the first such launch must then reuse them."""
+    pi0's attention backward (d = 256) fits its H100 tiles on sm_90 but not there; the launcher
+    must retry with smaller tiles that do and remember them."""
     code = textwrap.dedent(f"""
         import importlib.util, sys, torch
         spec = importlib.util.spec_from_file_location("tcc", {str(SCRIPT)!r})
@@ -81,6 +81,13 @@ def test_backward_tiles_shrink_to_fit_a_99kib_gpu():
         cases = [c for c in tcc._attention_cases(quick=True)
                  if c.name.startswith("attention bwd") and " bf16 " in c.name]
         assert len(cases) == 1, [c.name for c in cases]
+        fixed = [tcc.Case(c.name, c.fn, c.args[:-1] + (False,)) for c in cases]  # the H100 tiles, no retry
+        rows, failures, _ = tcc.run(90, fixed)
+        assert failures == [] and all(r.fits for r in rows), (failures, rows)
+        # the same tiles on sm_89 (same device index: Triton's cached limit must not carry over)
+        rows, failures, _ = tcc.run(89, fixed)
+        assert len(failures) == 1 and "shared memory" in failures[0], failures
+        assert not ta._FITTED
         rows, failures, _ = tcc.run(89, cases)
         assert failures == [], failures
         over = [r for r in rows if not r.fits]
