@@ -366,12 +366,33 @@ def run(arch: int, cases: Iterable[Case]) -> tuple[list[Row], list[str], float]:
     return rows, failures, time.perf_counter() - t0
 
 
+def summary_table(rows: list[dict]) -> str:
+    """A markdown table per (arch, kernel): variants compiled, refused (over the limits, retried
+    smaller), largest shared memory, most registers, and variants with local memory or a stack."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["kernel"]), []).append(r)
+    lines = [
+        "| arch | kernel | variants | over the limits | max shared (KiB) | max regs | with stack/local (max B) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (arch, kernel), rs in sorted(groups.items()):
+        spill = [max(r["stack"], 0) + max(r["local"], 0) for r in rs if r["stack"] > 0 or r["local"] > 0]
+        lines.append(
+            f"| sm_{arch} | {kernel} | {len(rs)} | {sum(not r['fits'] for r in rs)} | "
+            f"{max(r['shared'] for r in rs) / 1024:.0f} | {max(r['regs'] for r in rs)} | "
+            f"{len(spill)} ({max(spill) if spill else 0}) |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="90", help="comma-separated SM versions, e.g. 80,90 (default 90)")
     p.add_argument("--quick", action="store_true", help="pi0's hot paths only: bf16/fp32, d=256, masks on")
     p.add_argument("--only", default="", help="only the cases whose name contains this text, e.g. 'attention bwd'")
     p.add_argument("--json", type=Path, help="write the rows and failures here")
+    p.add_argument("--markdown", action="store_true", help="print a summary table per arch and kernel at the end")
     args = p.parse_args(argv)
     arches = [int(a) for a in args.arch.split(",") if a]
     for a in arches:
@@ -394,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"triton {triton.__version__}, torch {torch.__version__}",
                 flush=True,
             )
+    if args.markdown:
+        print(summary_table([asdict(r) for r in all_rows]))
     if args.json:
         args.json.write_text(
             json.dumps(

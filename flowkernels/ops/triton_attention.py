@@ -378,19 +378,22 @@ def _config(
 ) -> tuple[int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)`` for head_dim ``d`` (not autotuned).
 
-    Interpreter: large tiles (fewer, vectorized program steps). Compiled: FA2-like tiles that
-    keep the fp32 accumulator of a ``(BLOCK_M, BLOCK_D)`` tile in registers at d = 256; fp32
-    operands (twice the shared memory of bf16) get half the rows at d = 256.
+    Interpreter: large tiles (fewer, vectorized program steps). Compiled bf16/fp16: FA2-like
+    tiles that keep the fp32 accumulator of a ``(BLOCK_M, BLOCK_D)`` tile in registers at
+    d = 256. Compiled fp32 (IEEE dots on the FMA units): 32x32 at every d.
     """
     bd = max(16, triton.next_power_of_2(d))
     if _INTERPRET:
         bm, bn, warps, stages = 128, 64, 4, 1
+    elif dtype == torch.float32:
+        # IEEE fp32 dots run on the FMA units with operands in registers: with the bf16 tiles
+        # ptxas gives them stack frames of 7-18 KB per thread (scripts/triton_compile_check.py,
+        # sm_90); 32x32 tiles need none at d <= 64 and a few hundred bytes at d = 128.
+        bm, bn, warps, stages = 32, 32, 4 if bd <= 64 else 8, 1
     elif bd <= 64:
         bm, bn, warps, stages = 128, 64, 4, 2
     elif bd <= 128:
         bm, bn, warps, stages = 128, 32, 8, 2
-    elif dtype == torch.float32:
-        bm, bn, warps, stages = 32, 32, 8, 1
     else:
         bm, bn, warps, stages = 64, 32, 8, 1
     bm = block_m or bm
