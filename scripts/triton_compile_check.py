@@ -301,11 +301,13 @@ def run(arch: int, cases: Iterable[Case]) -> tuple[list[Row], list[str], float]:
     """Compile ``cases`` for ``sm_<arch>``: ``(rows, failures, seconds)``; one row per compiled kernel."""
     from triton.runtime.driver import driver
 
+    from flowkernels.ops import triton_attention as ta
     from flowkernels.ops import triton_kernels as tk
 
     previous = driver._active
     driver.set_active(CompileOnlyDriver(arch))
     _forget_device_properties()
+    ta._FITTED.clear()  # tiles fitted to the previous target (the stand-in's device is always "cpu")
     check_device = tk._check_device
     # The launchers refuse CPU tensors outside the interpreter; here nothing is launched.
     tk._check_device = lambda device, **tensors: None

@@ -387,8 +387,8 @@ def _config(
         bm, bn, warps, stages = 128, 64, 4, 1
     elif dtype == torch.float32:
         # IEEE fp32 dots run on the FMA units with operands in registers: with the bf16 tiles
-        # ptxas gives them stack frames of 7-18 KB per thread (scripts/triton_compile_check.py,
-        # sm_90); 32x32 tiles need none at d <= 64 and a few hundred bytes at d = 128.
+        # ptxas gave them stack frames of 8-18 KB per thread at d <= 128; 32x32 tiles need
+        # <= 40 B at d <= 64 and <= 336 B at d = 128 (scripts/triton_compile_check.py).
         bm, bn, warps, stages = 32, 32, 4 if bd <= 64 else 8, 1
     elif bd <= 64:
         bm, bn, warps, stages = 128, 64, 4, 2
