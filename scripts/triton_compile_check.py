@@ -369,21 +369,24 @@ def run(arch: int, cases: Iterable[Case]) -> tuple[list[Row], list[str], float]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """A markdown table per (arch, kernel): variants compiled, refused (over the limits, retried
-    smaller), largest shared memory, most registers, and variants with local memory or a stack."""
+    """A markdown table per (arch, kernel): variants compiled, how many were over the device's
+    limits (the launcher retries those with smaller tiles), and over the variants that launch:
+    largest shared memory, most registers, and how many have local memory or a stack frame."""
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["arch"], r["kernel"]), []).append(r)
     lines = [
-        "| arch | kernel | variants | over the limits | max shared (KiB) | max regs | with stack/local (max B) |",
+        "| arch | kernel | variants | over the limits | launched: max shared (KiB) | max regs "
+        "| with stack/local (max B) |",
         "|---|---|---|---|---|---|---|",
     ]
     for (arch, kernel), rs in sorted(groups.items()):
-        spill = [max(r["stack"], 0) + max(r["local"], 0) for r in rs if r["stack"] > 0 or r["local"] > 0]
+        ok = [r for r in rs if r["fits"]]
+        spill = [max(r["stack"], 0) + max(r["local"], 0) for r in ok if r["stack"] > 0 or r["local"] > 0]
         lines.append(
-            f"| sm_{arch} | {kernel} | {len(rs)} | {sum(not r['fits'] for r in rs)} | "
-            f"{max(r['shared'] for r in rs) / 1024:.0f} | {max(r['regs'] for r in rs)} | "
-            f"{len(spill)} ({max(spill) if spill else 0}) |"
+            f"| sm_{arch} | {kernel} | {len(rs)} | {len(rs) - len(ok)} | "
+            f"{max((r['shared'] for r in ok), default=0) / 1024:.0f} | {max((r['regs'] for r in ok), default=0)} | "
+            f"{len(spill)} ({max(spill, default=0)}) |"
         )
     return "\n".join(lines)
 

@@ -310,6 +310,22 @@ def test_triton_interpreter_small_tiles(impl):
                noncontig_prefix=True)
 
 
+def test_triton_interpreter_backward_tiles_differ_from_forward(monkeypatch):
+    """Compiled bf16 runs the dq and dk/dv kernels with their own tiles (``_bwd_configs``): the
+    gradients must not depend on the forward's tiles. Here (interpreter) 16x32 dq and 32x16
+    dk/dv tiles under a 16x16 forward."""
+    seen = []
+
+    def bwd_configs(cfg, dtype, fit):
+        seen.append(cfg)
+        bd = cfg[2]
+        return (16, 32, bd, 4, 1), (32, 16, bd, 4, 1)
+
+    monkeypatch.setattr(triton_attention, "_bwd_configs", bwd_configs)
+    check_case(triton_impl("fused", 16, 16), 2, 4, 3, 37, 4, 2, 16, torch.float32, "holes", "dead")
+    assert seen, "the backward asks _bwd_configs for its tiles"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_interpreter_lowp(dtype):
     check_case(public("triton"), 2, 4, 17, 40, 8, 1, 32, dtype, "holes", "pi0")

@@ -112,5 +112,63 @@ def test_smaller_tiles_sequence():
     # one stage first, then halve the larger block; 4 warps once a tile has <= 1024 elements
     assert seq == [(128, 64, 64, 4, 2), (128, 64, 64, 4, 1), (64, 64, 64, 4, 1), (32, 64, 64, 4, 1),
                    (32, 32, 64, 4, 1), (16, 32, 64, 4, 1), (16, 16, 64, 4, 1)]  # fmt: skip
-    assert _smaller((64, 32, 256, 8, 1)) == (32, 32, 256, 4, 1)
+    assert _smaller((64, 32, 256, 8, 1)) == (32, 32, 256, 8, 1)  # d = 256 keeps 8 warps (no stack frame)
     assert _smaller((128, 64, 128, 8, 1)) == (64, 64, 128, 8, 1)
+
+
+def test_summary_table_counts_refused_variants_apart():
+    """The maxima describe what launches: a variant over the limits is counted, not measured."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("triton_compile_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[spec.name]
+    base = dict(arch=86, kernel="_bwd_dkdv_kernel", local=0)
+    rows = [
+        {**base, "shared": 131072, "regs": 200, "stack": 64, "fits": False},
+        {**base, "shared": 81920, "regs": 180, "stack": 16, "fits": True},
+        {**base, "shared": 40960, "regs": 255, "stack": 0, "fits": True},
+        {**base, "arch": 90, "shared": 131072, "regs": 190, "stack": 0, "fits": True},
+    ]
+    lines = mod.summary_table(rows).splitlines()
+    assert lines[2] == "| sm_86 | _bwd_dkdv_kernel | 3 | 1 | 80 | 255 | 1 (16) |"
+    assert lines[3] == "| sm_90 | _bwd_dkdv_kernel | 1 | 0 | 128 | 190 | 0 (0) |"
+
+
+def test_backward_tiles_per_kernel(monkeypatch):
+    """Compiled bf16/fp16 with default tiles: the dq and dk/dv kernels get their own tiles; tiles
+    the caller chose, fp32 and the interpreter keep the forward's."""
+    import torch
+
+    from flowkernels.ops import triton_attention as ta
+
+    monkeypatch.setattr(ta, "_INTERPRET", False)
+    c64 = ta._config(64, torch.bfloat16, None, None)
+    assert c64 == (128, 64, 64, 4, 2)
+    assert ta._bwd_configs(c64, torch.bfloat16, True) == ((128, 32, 64, 8, 2), (128, 32, 64, 8, 2))
+    assert ta._bwd_configs(c64, torch.bfloat16, False) == (c64, c64)
+    c128 = ta._config(96, torch.float16, None, None)
+    assert ta._bwd_configs(c128, torch.float16, True) == ((64, 32, 128, 8, 2), c128)
+    c256 = ta._config(256, torch.bfloat16, None, None)
+    assert ta._bwd_configs(c256, torch.bfloat16, True) == (c256, c256)
+    c32 = ta._config(64, torch.float32, None, None)
+    assert ta._bwd_configs(c32, torch.float32, True) == (c32, c32)
+    monkeypatch.setattr(ta, "_INTERPRET", True)
+    assert ta._bwd_configs(c64, torch.bfloat16, True) == (c64, c64)
+
+
+def test_d64_backward_has_no_stack_frame_on_sm80(tmp_path):
+    """The d <= 64 backward tiles: the forward's 128x64, 4 warps gave the dk/dv kernel 2-7 KB stack
+    frames per thread on sm_80 (mma.sync); its own tiles compile with (almost) none."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--arch", "80", "--json", str(out),
+                           "--only", "attention bwd (dq, prefix dk/dv, suffix dk/dv) d=64 bf16"],
+                          capture_output=True, text=True, env=_env(), timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"_bwd_dq_kernel", "_bwd_dkdv_kernel"}, rows
+    assert all(r["fits"] and r["stack"] + r["local"] <= 128 for r in rows), rows

@@ -404,6 +404,29 @@ def _config(
     return bm, bn, bd, warps, stages
 
 
+def _bwd_configs(
+    cfg: tuple[int, int, int, int, int], dtype: torch.dtype, fit: bool
+) -> tuple[tuple[int, int, int, int, int], tuple[int, int, int, int, int]]:
+    """Tiles of the dq kernel and of the dk/dv kernels, from the forward's ``cfg``.
+
+    The dq kernel holds ``BLOCK_M`` query rows and their dq accumulator while it walks the keys;
+    the dk/dv kernels hold ``BLOCK_N`` key rows, dk and dv while they walk the queries in
+    ``BLOCK_M`` chunks. The forward's bf16/fp16 tiles leave both spilling on sm_80/86/89 at d <= 64
+    (2-7 KB stack frames per thread at 128x64, 4 warps) and the dq kernel at d = 128 (0.6 KB);
+    the tiles below compile without a stack frame on sm_80 and sm_90 (Triton 3.6,
+    scripts/triton_compile_check.py); not yet timed. Tiles the caller chose (``fit`` False),
+    fp32 and the interpreter keep ``cfg``.
+    """
+    bd, stages = cfg[2], cfg[4]
+    if not fit or _INTERPRET or dtype == torch.float32:
+        return cfg, cfg
+    if bd <= 64:
+        return (128, 32, bd, 8, stages), (128, 32, bd, 8, stages)
+    if bd <= 128:
+        return (64, 32, bd, 8, stages), cfg
+    return cfg, cfg
+
+
 def _smaller(cfg: tuple[int, int, int, int, int]) -> tuple[int, int, int, int, int] | None:
     """The next smaller tiles: one pipeline stage first, then halve the larger block (>= 16)."""
     bm, bn, bd, warps, stages = cfg
@@ -415,7 +438,9 @@ def _smaller(cfg: tuple[int, int, int, int, int]) -> tuple[int, int, int, int, i
         bn //= 2
     else:
         return None
-    return bm, bn, bd, min(warps, 4) if bm * bn <= 1024 else warps, stages
+    # 4 warps once a tile has <= 1024 elements, but at d >= 256: 32x32 with 8 warps needs no
+    # stack frame on sm_80/86/89/90, with 4 it spills (the d = 256 backward on 99 KiB parts)
+    return bm, bn, bd, min(warps, 4) if bm * bn <= 1024 and bd < 256 else warps, stages
 
 
 # (kernel, device, dtype, tiles asked for, flags) -> tiles that launched on that device.
@@ -515,13 +540,14 @@ def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_s
     meta = dict(F32=f32, IEEE=ieee)
     dev, dt = q.device, q.dtype
     dq = dk = dv = dpk = dpv = None
+    dq_cfg, kv_cfg = _bwd_configs(cfg, q.dtype, fit)
     if not (BN and S):
         z = [torch.zeros_like(t) for t in (q, k, v, pk, pv)]
         return tuple(zz if need else None for zz, need in zip(z, needs))
     if needs[0]:
         dq = torch.empty(BN, S, Hq, D, device=q.device, dtype=q.dtype)
         _launch(
-            _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(group_size * S * G, bm), B * Hkv), cfg, fit, dev, dt,
+            _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(group_size * S * G, bm), B * Hkv), dq_cfg, fit, dev, dt,
             q, k, v, pk, pv, vm, sm, dout, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(pk), *_strides(pv),
             group_size, S, P, Hkv, G, D, scale * _LOG2E, scale,
@@ -532,7 +558,7 @@ def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_s
         dpv = torch.empty_like(dpk)
         if P:
             _launch(
-                _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(P, bn), B * Hkv), cfg, fit, dev, dt,
+                _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(P, bn), B * Hkv), kv_cfg, fit, dev, dt,
                 q, pk, pv, vm, dout, lse, delta, dpk, dpv,
                 *_strides(q), *_strides(pk), *_strides(pv),
                 group_size, S, P, Hkv, G, D, scale * _LOG2E, scale,
@@ -542,7 +568,7 @@ def _backward(q, k, v, pk, pv, valid_u8, smask_u8, out, lse, dout, dlse, group_s
         dk = torch.empty(BN, S, Hkv, D, device=q.device, dtype=k.dtype)
         dv = torch.empty_like(dk)
         _launch(
-            _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), BN * Hkv), cfg, fit, dev, dt,
+            _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), BN * Hkv), kv_cfg, fit, dev, dt,
             q, k, v, sm, dout, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v),
             1, S, S, Hkv, G, D, scale * _LOG2E, scale,
