@@ -232,6 +232,24 @@ def _all_mean(stats: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
+def _all_max(stats: dict[str, float], world: int) -> dict[str, float]:
+    """The largest value over the ranks (peak memory: what the busiest rank needed)."""
+    if world == 1:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+def _peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GiB (``getrusage``: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 # ---------------------------------------------------------------------------------------- loop
 def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
     """Run the configured training; returns the final metrics (and evaluation before/after)."""
@@ -344,10 +362,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
                        rollout_samples_per_s=len(batch) / max(t_roll, 1e-9),
                        update_samples_per_s=processed / max(t_upd, 1e-9),
                        rollout_fraction=t_roll / max(t_roll + t_upd, 1e-9))
+        peaks = {"peak_rss_gb": _peak_rss_gb()}  # the process's high-water mark so far (CPU memory)
         if torch.cuda.is_available():
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            peaks["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30  # this iteration's
             torch.cuda.reset_peak_memory_stats()
         metrics = _all_mean(metrics, world)
+        metrics.update(_all_max(peaks, world))
         metrics["iteration"] = float(it)
         metrics["phase_sft"] = float(algo is sft_algo)
         history.append(metrics)
