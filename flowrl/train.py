@@ -223,23 +223,17 @@ def _optimizer(policy: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.algo.lr, weight_decay=0.0)
 
 
-def _all_mean(stats: dict[str, float], world: int) -> dict[str, float]:
+def _all_reduce(stats: dict[str, float], world: int, op: str = "mean") -> dict[str, float]:
+    """``stats`` reduced over the ranks: their ``"mean"``, or their ``"max"`` (peak memory: the busiest rank's).
+    Non-finite values count as 0."""
     if world == 1:
         return stats
     keys = sorted(stats)
     t = torch.tensor([stats[k] if math.isfinite(stats[k]) else 0.0 for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
-
-
-def _all_max(stats: dict[str, float], world: int) -> dict[str, float]:
-    """The largest value over the ranks (peak memory: what the busiest rank needed)."""
-    if world == 1:
-        return stats
-    keys = sorted(stats)
-    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return dict(zip(keys, t.tolist()))
+    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(t, op=reduce_op)
+    div = world if op == "mean" else 1
+    return {k: float(v) / div for k, v in zip(keys, t.tolist())}
 
 
 def _peak_rss_gb() -> float:
@@ -366,8 +360,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         if torch.cuda.is_available():
             peaks["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30  # this iteration's
             torch.cuda.reset_peak_memory_stats()
-        metrics = _all_mean(metrics, world)
-        metrics.update(_all_max(peaks, world))
+        metrics = _all_reduce(metrics, world)
+        metrics.update(_all_reduce(peaks, world, op="max"))
         metrics["iteration"] = float(it)
         metrics["phase_sft"] = float(algo is sft_algo)
         history.append(metrics)

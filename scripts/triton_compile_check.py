@@ -24,6 +24,7 @@ for this process (the kernels must be defined for compilation, not for the inter
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -65,8 +66,11 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
+@functools.cache
 def resource_usage(cubin: bytes) -> dict[str, int]:
-    """``{"REG", "STACK", "SHARED", "LOCAL"}`` of the single kernel in ``cubin`` (empty if unknown)."""
+    """``{"REG", "STACK", "SHARED", "LOCAL"}`` of the single kernel in ``cubin`` (empty if unknown).
+
+    Cached: Triton's load check (``load_binary``) and the report ask for the same cubin."""
     tool = _cuobjdump()
     if tool is None:
         return {}
@@ -391,6 +395,63 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def results_tables(reports: list[dict]) -> str:
+    """The tables of ``benchmarks/RESULTS.md`` from ``--json`` reports (one per Triton version).
+
+    Per (Triton, arch): variants, failures, variants over the limits, variants with a stack frame,
+    and over the attention variants that launch: largest shared memory and the largest stack frame
+    per dtype class and head dim. Then pi0's hot path (bf16, d 256, masks on; fused forward and
+    backward): the tiles that launch per kernel, with a dagger where the first tiles were refused."""
+    lines = [
+        "| Triton | arch | variants | failures | over the limits | with a stack frame | attention max shared (KiB) "
+        "| bf16/fp16 attention max stack (B) d 64 / 128 / 256 | fp32 attention max stack (B) d 64 / 128 / 256 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    hot = []
+    for rep in reports:
+        by_arch: dict[int, list[dict]] = {}
+        for r in rep["rows"]:
+            by_arch.setdefault(r["arch"], []).append(r)
+        for arch, rows in sorted(by_arch.items()):
+            fails = [f for f in rep["failures"] if f.startswith(f"sm_{arch} ")]
+            ok = [r for r in rows if r["fits"]]
+            stack: dict[tuple[str, int], int] = {}
+            smem = 0
+            for r in ok:
+                m = re.search(r"attention.* d=(\d+) (fp32|bf16|fp16)", r["case"])
+                if m:
+                    key = ("fp32" if m.group(2) == "fp32" else "lp", int(m.group(1)))
+                    stack[key] = max(stack.get(key, 0), r["stack"] + r["local"])
+                    smem = max(smem, r["shared"])
+            with_stack = sum(r["stack"] + r["local"] > 0 for r in ok)
+            lp, f32 = (" / ".join(str(stack.get((c, d), 0)) for d in (64, 128, 256)) for c in ("lp", "fp32"))
+            lines.append(
+                f"| {rep['triton']} | sm_{arch} | {len(rows)} | {len(fails)} | {len(rows) - len(ok)} | {with_stack} "
+                f"| {smem / 1024:.0f} | {lp} | {f32} |"
+            )
+            pi0 = "d=256 bf16 valid=True suffix_mask=True"
+            hot += [(rep["triton"], arch, r) for r in rows if pi0 in r["case"] and "split" not in r["case"]]
+    lines += [
+        "",
+        "| Triton | arch | kernel | tiles (M×N, warps, stages) | shared (KiB) | regs | stack (B) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    refused, shown = set(), set()
+    for tv, arch, r in hot:
+        key = (tv, arch, r["kernel"])
+        if not r["fits"]:
+            refused.add(key)
+        elif key not in shown:  # the first launched row per kernel: the prefix launch of dk/dv
+            shown.add(key)
+            m = re.search(r"BLOCK_M=(\d+) BLOCK_N=(\d+)", r["tiles"])
+            lines.append(
+                f"| {tv} | sm_{arch} | {r['kernel']} | {m.group(1)}×{m.group(2)}, {r['num_warps']}, "
+                f"{r['num_stages']}{' †' if key in refused else ''} | {r['shared'] / 1024:.0f} | {r['regs']} "
+                f"| {r['stack'] + r['local']} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="90", help="comma-separated SM versions, e.g. 80,90 (default 90)")
@@ -398,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="only the cases whose name contains this text, e.g. 'attention bwd'")
     p.add_argument("--json", type=Path, help="write the rows and failures here")
     p.add_argument("--markdown", action="store_true", help="print a summary table per arch and kernel at the end")
+    p.add_argument("--tables", type=Path, nargs="+", metavar="JSON",
+                   help="compile nothing: print benchmarks/RESULTS.md's tables from --json reports")  # fmt: skip
     args = p.parse_args(argv)
+    if args.tables:
+        print(results_tables([json.loads(f.read_text()) for f in args.tables]))
+        return 0
     arches = [int(a) for a in args.arch.split(",") if a]
     for a in arches:
         if a not in DEVICE_LIMITS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -26,14 +27,23 @@ flowkernels._backend._load_triton()
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark(name: str):
-    """The module ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+def load_script(path: Path):
+    """The module of a script outside the package (``benchmarks/``, ``scripts/``), loaded from ``path``."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the script runs
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[spec.name]
     return mod
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    return load_script(ROOT / "benchmarks" / f"{name}.py")
 
 
 def lerobot_python() -> Path | None:

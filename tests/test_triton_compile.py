@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 SCRIPT = ROOT / "scripts" / "triton_compile_check.py"
 
@@ -118,15 +118,7 @@ def test_smaller_tiles_sequence():
 
 def test_summary_table_counts_refused_variants_apart():
     """The maxima describe what launches: a variant over the limits is counted, not measured."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("triton_compile_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[spec.name]
+    mod = load_script(SCRIPT)
     base = dict(arch=86, kernel="_bwd_dkdv_kernel", local=0)
     rows = [
         {**base, "shared": 131072, "regs": 200, "stack": 64, "fits": False},
@@ -172,3 +164,20 @@ def test_d64_backward_has_no_stack_frame_on_sm80(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_bwd_dq_kernel", "_bwd_dkdv_kernel"}, rows
     assert all(r["fits"] and r["stack"] + r["local"] <= 128 for r in rows), rows
+
+
+def test_results_tables_from_reports():
+    """RESULTS.md's tables come from --json reports: counts per arch, launched-only maxima, pi0's hot path
+    with a dagger where the first tiles were refused."""
+    mod = load_script(SCRIPT)
+    pi0 = "attention bwd (dq, prefix dk/dv, suffix dk/dv) d=256 bf16 valid=True suffix_mask=True"
+    row = dict(arch=86, kernel="_bwd_dkdv_kernel", case=pi0, num_warps=8, num_stages=1, regs=160, local=0)
+    rows = [
+        {**row, "tiles": "BLOCK_M=64 BLOCK_N=32 BLOCK_D=256", "shared": 131072, "stack": 0, "fits": False},
+        {**row, "tiles": "BLOCK_M=32 BLOCK_N=32 BLOCK_D=256", "shared": 81920, "stack": 8, "fits": True},
+        {**row, "kernel": "_flow_step_kernel", "case": "flow_step mode=0", "tiles": "BLOCK=2048", "shared": 0,
+         "stack": 32, "fits": True},
+    ]  # fmt: skip
+    text = mod.results_tables([{"triton": "3.6.0", "rows": rows, "failures": ["sm_86 x: boom"]}])
+    assert "| 3.6.0 | sm_86 | 3 | 1 | 1 | 2 | 80 | 0 / 0 / 8 | 0 / 0 / 0 |" in text, text
+    assert "| 3.6.0 | sm_86 | _bwd_dkdv_kernel | 32×32, 8, 1 † | 80 | 160 | 8 |" in text, text
