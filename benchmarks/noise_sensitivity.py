@@ -10,6 +10,8 @@ has nothing to work with, and only updates of the policy itself can improve it.
 ``--best-of M`` adds the success of the best of M draws: an episode counts if any of M rollouts of
 the same scene (the env reset with the same seed), each with fresh ``N(0, I)`` noise, succeeds: how
 far a state-conditioned choice of noise alone could take this π0 (a ceiling for VLA-FPO's actor).
+``--best-of-vary real padded`` redraws only part of the noise between a scene's draws: the env's
+real action dims (what the actor controls) or only π0's padded dims (what it leaves to chance).
 
 ``--learned-choice R`` (with ``--best-of M``) asks how much of that ceiling can be *learned*: R rounds
 of ``num_envs`` scenes, each scene run with M fresh noises; a classifier ``Q(state, noise) → success``
@@ -82,30 +84,52 @@ def success_by_scale(checkpoint: Path, scales: list[float], episodes: int, num_e
 
 
 @torch.no_grad()
-def best_of_draws(policy: Any, env: Any, episodes: int, seed: int, num_steps: int, draws: int) -> float:
+def best_of_draws(policy: Any, env: Any, episodes: int, seed: int, num_steps: int, draws: int,
+                  vary: str = "all") -> float:
     """Share of ``episodes`` episodes in which at least one of ``draws`` rollouts of the same scene
     (``env.reset(seed=...)`` again), each from fresh ``N(0, I)`` noise, succeeds. Rounds and random
-    draws follow :func:`flowrl.eval.evaluate`, so ``draws = 1`` is its success rate."""
+    draws follow :func:`flowrl.eval.evaluate`, so ``draws = 1`` is its success rate.
+
+    ``vary`` redraws only part of the noise ``(B, H, D)`` between a scene's draws: ``"real"`` the
+    env's real action dims (the padded ones stay one draw per scene: what VLA-FPO's actor controls),
+    ``"padded"`` only π0's padded dims (the real ones fixed: how much the noise the actor leaves to
+    chance decides an episode); ``"all"`` (default) the whole noise.
+    """
+    from flowrl.algos.base import masks_for
     from flowrl.eval import run_episodes
 
     if draws < 1:
         raise ValueError(f"best_of_draws: draws must be >= 1, got {draws}")
+    if vary not in ("all", "real", "padded"):
+        raise ValueError(f"best_of_draws: vary must be 'all', 'real' or 'padded', got {vary!r}")
     gen = torch.Generator().manual_seed(seed)
+    keep = None if vary == "all" else masks_for(env, policy, torch.device("cpu"))[0]
+    if keep is not None and vary == "real":
+        keep = ~keep  # the dims that stay fixed across a scene's draws
     got: list[bool] = []
     rnd = 0
     while len(got) < episodes:
         hit = torch.zeros(env.num_envs, dtype=torch.bool)
+        noise_fn = None
+        if keep is not None:
+            c = policy.config
+            fixed = torch.randn(env.num_envs, c.action_horizon, c.action_dim, generator=gen)
+
+            def noise_fn(p: Any, obs: Any, g: torch.Generator, fixed: torch.Tensor = fixed) -> torch.Tensor:
+                x = torch.randn(obs.state.shape[0], p.config.action_horizon, p.config.action_dim, generator=g)
+                x[:, :, keep] = fixed[: x.shape[0], :, keep]
+                return x
         for _ in range(draws):
-            hit |= run_episodes(policy, env, seed + rnd, gen, num_steps)[0]
+            hit |= run_episodes(policy, env, seed + rnd, gen, num_steps, noise_fn)[0]
         rnd += 1
         got += hit[: min(env.num_envs, episodes - len(got))].tolist()
     return sum(got) / len(got)
 
 
-def best_of(checkpoint: Path, draws: int, episodes: int, num_envs: int, seed: int) -> float:
+def best_of(checkpoint: Path, draws: int, episodes: int, num_envs: int, seed: int, vary: str = "all") -> float:
     """:func:`best_of_draws` for a trainer checkpoint on the env of its run."""
     with _opened(checkpoint, num_envs) as (cfg, policy, env):
-        return best_of_draws(policy, env, episodes, seed, cfg.algo.num_steps, draws)
+        return best_of_draws(policy, env, episodes, seed, cfg.algo.num_steps, draws, vary)
 
 
 @torch.no_grad()
@@ -190,6 +214,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--best-of", type=int, default=0, metavar="M",
                    help="add the best of M N(0, I) draws per scene (0: off)")
+    p.add_argument("--best-of-vary", nargs="+", default=["all"], choices=["all", "real", "padded"],
+                   help="with --best-of M: a column per choice; redraw the whole noise between a scene's draws "
+                        "(all), only the env's real action dims (real), or only π0's padded dims (padded)")
     p.add_argument("--learned-choice", type=int, default=0, metavar="R",
                    help="with --best-of M: R rounds of num_envs scenes, a classifier fit on R - 1 picks one of M "
                         "noises per scene of the last (0: off)")
@@ -201,7 +228,8 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit("noise_sensitivity: --best-of must be >= 0")
     if args.learned_choice and (args.learned_choice < 2 or args.best_of < 2):
         raise SystemExit("noise_sensitivity: --learned-choice needs R >= 2 rounds and --best-of M >= 2")
-    extra = [f"best of {args.best_of} N(0, I) draws"] if args.best_of else []
+    what = {"all": "", "real": " (real dims redrawn)", "padded": " (padded dims redrawn)"}
+    extra = [f"best of {args.best_of} N(0, I) draws{what[v]}" for v in args.best_of_vary] if args.best_of else []
     if args.learned_choice:
         extra += [f"held-out: N(0, I) / best of {args.best_of} / learned pick of {args.best_of}",
                   "learned pick on a training round"]
@@ -213,7 +241,7 @@ def main(argv: list[str] | None = None) -> str:
             raise SystemExit(f"noise_sensitivity: checkpoint directory {ck} does not exist")
         r, demos = success_by_scale(ck, args.scales, args.episodes, args.num_envs, args.seed)
         if args.best_of:
-            r.append(best_of(ck, args.best_of, args.episodes, args.num_envs, args.seed))
+            r += [best_of(ck, args.best_of, args.episodes, args.num_envs, args.seed, v) for v in args.best_of_vary]
         cells = [f"{v:.3f}" for v in r]
         if args.learned_choice:
             lc = _learned(ck, args.learned_choice, args.best_of, args.num_envs, args.seed)

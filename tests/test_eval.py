@@ -435,3 +435,45 @@ def test_noise_sensitivity_learned_choice(vla_fpo_checkpoint):
         learned_choice(policy, env, rounds=1, draws=3, seed=1, num_steps=2)
     with pytest.raises(SystemExit, match="learned-choice"):
         main([str(vla_fpo_checkpoint), "--learned-choice", "2"])
+
+
+@pytest.mark.parametrize("vary", ["real", "padded"])
+def test_noise_sensitivity_best_of_part_of_the_noise(vla_fpo_checkpoint, vary):
+    """benchmarks/noise_sensitivity.py --best-of-vary: between a scene's draws only the named dims are
+    redrawn (the others are the same noise at every draw); a bad choice fails by name."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from noise_sensitivity import _load, best_of_draws, main
+
+    from flowrl.algos.base import masks_for
+
+    _, policy, env = _load(vla_fpo_checkpoint, 4)
+    real = masks_for(env, policy, torch.device("cpu"))[0]
+    assert 0 < int(real.sum()) < real.numel()  # the env has fewer dims than π0
+    first: list[torch.Tensor] = []  # the noise of each draw's first chunk (right after its reset)
+    sample, reset, fresh = policy.sample_actions, env.reset, [False]
+
+    def record(obs, **kw):
+        if fresh[0]:
+            first.append(kw["noise"].clone())
+            fresh[0] = False
+        return sample(obs, **kw)
+
+    def mark(**kw):
+        fresh[0] = True
+        return reset(**kw)
+
+    policy.sample_actions, env.reset = record, mark
+    rate = best_of_draws(policy, env, episodes=4, seed=2, num_steps=2, draws=3, vary=vary)
+    assert 0.0 <= rate <= 1.0 and len(first) == 3  # one round of 4 scenes, 3 draws
+    fixed, drawn = (~real, real) if vary == "real" else (real, ~real)
+    for other in first[1:]:
+        assert torch.equal(other[:, :, fixed], first[0][:, :, fixed])
+        assert not torch.equal(other[:, :, drawn], first[0][:, :, drawn])
+    with pytest.raises(ValueError, match="vary"):
+        best_of_draws(policy, env, 4, 0, 2, 2, vary="some")
+    table = main([str(vla_fpo_checkpoint), "--scales", "1", "--best-of", "2", "--best-of-vary", "all", vary,
+                  "--episodes", "4", "--num-envs", "4"])
+    assert f"({vary} dims redrawn)" in table and table.splitlines()[2].count("|") == 6
