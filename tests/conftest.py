@@ -28,16 +28,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(path: Path):
-    """The module of a script outside the package (``benchmarks/``, ``scripts/``), loaded from ``path``."""
+    """The module of a script outside the package (``benchmarks/``, ``scripts/``), loaded from ``path``.
+
+    Environment variables the script sets at import (scripts/triton_compile_check.py turns
+    ``TRITON_INTERPRET`` off) are restored afterwards, so later tests still see the interpreter.
+    """
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the script runs
+    env = dict(os.environ)
     try:
         spec.loader.exec_module(mod)
     finally:
         del sys.modules[spec.name]
+        os.environ.clear()
+        os.environ.update(env)
     return mod
 
 
