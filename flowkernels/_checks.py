@@ -10,6 +10,8 @@ or capturing a CUDA graph, and can be turned off with :func:`set_value_checks` o
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import os
 from collections.abc import Iterator, Sequence
 
@@ -31,7 +33,14 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def value_checks_enabled(device: torch.device) -> bool:
+    """Whether checks that read tensor values run for tensors on ``device``.
+
+    Off when disabled, while compiling, during CUDA-graph capture, and for ``meta`` tensors
+    (they hold no values: shape propagation must not fail on ``.item()``).
+    """
     if not _value_checks or torch.compiler.is_compiling():
+        return False
+    if device.type == "meta":
         return False
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
@@ -168,3 +177,29 @@ def check_positive(op: str, name: str, t: torch.Tensor) -> None:
         bad = ~(t > 0)
         if bool(bad.any()):
             raise ValueError(f"{op}: {name} must be > 0 everywhere, got a value {t[bad].flatten()[0].item()}")
+
+
+def check_int(op: str, name: str, value: object, lo: int, hi: int, hi_text: str) -> int:
+    """``value`` as a Python int in ``[lo, hi)`` (ints and integer scalars; not bool or float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int in [{lo}, {hi_text}), got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int in [{lo}, {hi_text}), got {type(value).__name__}") from None
+    if not lo <= value < hi:
+        raise ValueError(f"{op}: {name} must be in [{lo}, {hi_text}), got {value}")
+    return value
+
+
+def check_noise_level(op: str, noise_level: object) -> float:
+    """The Flow-SDE noise level as a finite Python float ``>= 0``."""
+    if isinstance(noise_level, (str, bytes)):
+        raise TypeError(f"{op}: noise_level must be a float >= 0, got {type(noise_level).__name__}")
+    try:
+        noise_level = float(noise_level)  # int, float, numpy and 0-dim tensor scalars
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{op}: noise_level must be a float >= 0, got {type(noise_level).__name__}") from None
+    if not (math.isfinite(noise_level) and noise_level >= 0):
+        raise ValueError(f"{op}: noise_level must be finite and >= 0, got {noise_level}")
+    return noise_level

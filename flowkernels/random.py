@@ -17,8 +17,11 @@ The torch implementation below is the oracle for the kernels' in-kernel noise.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
+
+from flowkernels._checks import check_int
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -72,13 +75,21 @@ def philox_normal(
 ) -> torch.Tensor:
     """Standard normal float32 noise of ``shape``, element ``i`` drawn from counter ``offset + i``.
 
+    ``seed`` is an int in ``[0, 2**63)``, ``offset`` an int in ``[0, 2**62)``, ``shape`` a tuple of
+    sizes ``>= 0``; anything else raises ``TypeError`` / ``ValueError`` naming the argument.
+
     Bit-compatible with the in-kernel noise of every flowkernels backend (up to the rounding
     of ``log``/``cos`` in float32).
     """
-    if not (0 <= seed < 2**63):
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    if not (0 <= offset < 2**62):
-        raise ValueError(f"offset must be in [0, 2**62), got {offset}")
+    op = "philox_normal"
+    seed = check_int(op, "seed", seed, 0, 2**63, "2**63")
+    offset = check_int(op, "offset", offset, 0, 2**62, "2**62")
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{op}: shape must be a tuple of ints, got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{op}: shape must have sizes >= 0, got {shape}")
     n = math.prod(shape)
     counter = torch.arange(n, dtype=torch.int64, device=device) + offset
     r0, r1, _, _ = philox4x32(counter, seed)

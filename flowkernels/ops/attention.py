@@ -80,6 +80,13 @@ def prefix_attention_ref(
     return out.to(q.dtype), lse.transpose(1, 2).contiguous()
 
 
+def _row_max(s: torch.Tensor) -> torch.Tensor:
+    """``s.amax(-1)``, ``-inf`` where the last dim is empty (no prefix, ``P = 0``, or ``S = 0``)."""
+    if s.shape[-1] == 0:
+        return s.new_full(s.shape[:-1], float("-inf"))
+    return s.amax(-1)
+
+
 def _prefix_attention_grouped(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -117,7 +124,7 @@ def _prefix_attention_grouped(
         s_suf = s_suf.masked_fill(~m, float("-inf"))
     # joint softmax: bring the prefix scores to the row layout (BN, Hkv, S·g, P) as a view
     s_pre_rows = s_pre.view(B, Hkv, n, S * g, P).transpose(1, 2).reshape(BN, Hkv, S * g, P)
-    m_max = torch.maximum(s_pre_rows.amax(-1), s_suf.amax(-1))  # (BN, Hkv, S·g)
+    m_max = torch.maximum(_row_max(s_pre_rows), _row_max(s_suf))  # (BN, Hkv, S·g)
     finite = torch.isfinite(m_max)
     m_safe = torch.where(finite, m_max, torch.zeros_like(m_max))
     e_pre = torch.exp(s_pre_rows - m_safe[..., None])
@@ -149,6 +156,14 @@ def merge_attention_states(
         e^lse_b·out_b) / e^lse``; a query with no key in either part gets ``out = 0``,
         ``lse = -inf``.
     """
+    op = "merge_attention_states"
+    for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in ATTN_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.device != out_a.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but out_a is on {out_a.device}")
     if out_a.shape != out_b.shape:
         raise ValueError(f"merge_attention_states: out_a {fmt_shape(out_a.shape)} and out_b "
                          f"{fmt_shape(out_b.shape)} must have the same shape")
@@ -159,8 +174,8 @@ def merge_attention_states(
         )
     acc = _acc(out_a.dtype)
     la, lb = lse_a.to(acc), lse_b.to(acc)
-    m = torch.maximum(la, lb)
-    finite = torch.isfinite(m)
+    m = torch.maximum(la, lb)  # NaN if either is NaN: propagated to out and lse, never hidden
+    finite = m != float("-inf")  # False only where both parts are empty
     m_safe = torch.where(finite, m, torch.zeros_like(m))
     wa, wb = torch.exp(la - m_safe), torch.exp(lb - m_safe)
     tot = wa + wb
@@ -209,6 +224,8 @@ def _check_inputs(
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"{op}: group_size must be an int >= 1, got {group_size!r}")
     BN, S, Hq, d = q.shape
+    if d < 1:
+        raise ValueError(f"{op}: q must have head_dim d >= 1 (shape (B·N, S, Hq, d)), got {fmt_shape(q.shape)}")
     if BN % group_size != 0:
         raise ValueError(f"{op}: group_size={group_size} must divide the batch of q (B·N = {BN})")
     B = BN // group_size
@@ -239,7 +256,8 @@ def _check_inputs(
             raise TypeError(f"{op}: prefix_lens must be int32 or int64, got {prefix_lens.dtype}")
         if prefix_lens.device != q.device:
             raise ValueError(f"{op}: prefix_lens is on {prefix_lens.device} but q is on {q.device}")
-        if value_checks_enabled(q.device):  # reads the values: a host sync (off with fk.set_value_checks(False))
+        # reads the values: a host sync (off with fk.set_value_checks(False)); nothing to read when B = 0
+        if value_checks_enabled(q.device) and prefix_lens.numel():
             lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
             if lo < 0 or hi > P:
                 raise ValueError(f"{op}: prefix_lens must lie in [0, P = {P}], got values in [{lo}, {hi}]")

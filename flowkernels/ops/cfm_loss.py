@@ -206,9 +206,11 @@ def fpo_ratio(
     op = "fpo_ratio"
     check_tensor(op, "loss_old", loss_old, (None, None), ("B", "N"))
     check_tensor(op, "loss_new", loss_new, tuple(loss_old.shape), ("B", "N"), device=loss_old.device)
-    if clamp is not None and clamp <= 0:
+    if clamp is not None and not clamp > 0:  # also refuses NaN, which would make every ratio NaN
         raise ValueError(f"{op}: clamp must be > 0 or None, got {clamp}")
     if mode == "mean":
+        if loss_old.shape[1] == 0:
+            raise ValueError(f"{op}: mode 'mean' needs N >= 1 losses per sample, got shape {tuple(loss_old.shape)}")
         log_ratio = loss_old.detach().mean(dim=1) - loss_new.mean(dim=1)
     elif mode == "per_sample":
         log_ratio = loss_old.detach() - loss_new

@@ -16,6 +16,7 @@ import torch
 
 from flowkernels._backend import backend_module, resolve_backend
 from flowkernels._checks import (
+    check_noise_level,
     check_positive,
     check_range,
     check_same_dtype,
@@ -191,8 +192,7 @@ def chain_logprob(
         check_positive(op, "std", std.detach())
     elif std is not None:
         raise ValueError(f"{op}: std is only used by mode 'noise' (mode is 'sde')")
-    if noise_level < 0:
-        raise ValueError(f"{op}: noise_level must be >= 0, got {noise_level}")
+    noise_level = check_noise_level(op, noise_level)
     sm, dm = normalize_masks(op, dim_mask, step_mask, B, H, D, dev)
     name = resolve_backend(backend, dev, chain.dtype)
     chain, v, std = prepare_contiguous(op, name, backend, chain=chain, v=v, std=std)

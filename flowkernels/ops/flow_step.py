@@ -12,12 +12,15 @@ through :func:`flowkernels.chain_logprob`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from flowkernels._backend import backend_module, resolve_backend
 from flowkernels._checks import (
+    check_int,
+    check_noise_level,
     check_positive,
     check_range,
     check_same_dtype,
@@ -145,10 +148,9 @@ def flow_step(
     if not isinstance(dt, (int, float)) or isinstance(dt, bool):
         raise TypeError(f"{op}: dt must be a Python float, got {type(dt).__name__}")
     dt = float(dt)
-    if not dt > 0:
-        raise ValueError(f"{op}: dt must be > 0, got {dt}")
-    if noise_level < 0:
-        raise ValueError(f"{op}: noise_level must be >= 0, got {noise_level}")
+    if not (math.isfinite(dt) and dt > 0):
+        raise ValueError(f"{op}: dt must be > 0 and finite, got {dt}")
+    noise_level = check_noise_level(op, noise_level)
     t_lo = dt - 1e-6 if m == 1 else 0.0
     if isinstance(t, torch.Tensor):
         check_tensor(op, "t", t, (B,), ("B",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
@@ -163,19 +165,18 @@ def flow_step(
     if m == 1 and not isinstance(t, torch.Tensor) and float(t) < dt - 1e-6:
         raise ValueError(f"{op}: sde needs dt <= t (got t={t}, dt={dt})")
     sm, dm = normalize_masks(op, dim_mask, step_mask, B, H, D, dev)
-    if m != 0 and noise is None:
-        if seed is None:
-            seed = _draw_seed(generator)
-        if not 0 <= int(seed) < 2**63:
-            raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
-        if not 0 <= int(offset) < 2**62:
-            raise ValueError(f"{op}: offset must be in [0, 2**62), got {offset}")
+    # seed / offset are checked whenever given (also where unused: ode, or noise given), so a
+    # call is accepted or refused the same way on every backend
+    if seed is None and m != 0 and noise is None:
+        seed = _draw_seed(generator)
+    seed = 0 if seed is None else check_int(op, "seed", seed, 0, 2**63, "2**63")
+    offset = check_int(op, "offset", offset, 0, 2**62, "2**62")
     name = resolve_backend(backend, dev, x.dtype)
     x, v, noise, std_c = prepare_contiguous(op, name, backend, x=x, v=v, noise=noise, std=std)
     with torch.no_grad():
         mean, x_next, logp = _flow_step_op(
             x.detach(), v.detach(), t_vec, dt, m, None if noise is None else noise.detach(),
-            None if std_c is None else std_c.detach(), int(seed or 0), int(offset), float(noise_level), sm, dm, name,
+            None if std_c is None else std_c.detach(), seed, offset, noise_level, sm, dm, name,
         )
     if m == 0:
         x_next = mean

@@ -202,7 +202,9 @@ def _fwd_kernel(
                 qk = _dot(q, tl.trans(kt), IEEE) * qk_scale
                 m_i, l_i, acc = _softmax_block(qk, allowed, vt, m_i, l_i, acc, F32, IEEE)
 
-    empty = m_i == _NEG_INF
+    # no allowed key: l = 0. A NaN score makes l NaN, so NaN inputs give NaN out/lse (as in
+    # torch) instead of being taken for an empty row (m stays -inf: tl.maximum drops NaN)
+    empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, _NEG_INF, (m_i + tl.log2(l_safe)) * _LN2)
