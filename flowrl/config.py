@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,11 @@ class TrainConfig:
     plot: bool = True
 
 
+#: string options whose YAML spelling reads as a bool (YAML 1.1: ``off``/``no``/``false`` are False):
+#: the option that bool stands for.
+_BOOL_SPELLINGS: dict[str, dict[bool, str]] = {"wandb": {False: "off"}}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is bool:
@@ -164,13 +170,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an int, got {value!r}") from None
     if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
-        if isinstance(value, bool):  # YAML reads `false` as a bool: keep the spelling
-            return "true" if value else "false"
+        if isinstance(value, bool):  # YAML reads `false`/`off`/`no` as a bool: keep the spelling
+            spelled = _BOOL_SPELLINGS.get(key, {}).get(value)
+            return spelled if spelled is not None else "true" if value else "false"
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -245,8 +257,49 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for name in ("num_steps", "epochs", "minibatch_size", "rollout_chunks", "fpo_pairs", "group_size", "grad_accum"):
         if getattr(a, name) < 1:
             raise ConfigError(f"algo.{name} must be >= 1, got {getattr(a, name)}")
-    if cfg.env.num_envs < 1:
-        raise ConfigError(f"env.num_envs must be >= 1, got {cfg.env.num_envs}")
+    for name in ("sft_steps", "sft_batch", "num_demos", "vla_latent_steps", "vla_ensemble"):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"algo.{name} must be >= 1, got {getattr(a, name)}")
+    if cfg.model.num_value_heads < 1:
+        raise ConfigError(f"model.num_value_heads must be >= 1, got {cfg.model.num_value_heads}")
+    if cfg.model.variant not in ("pi0", "pi05"):
+        raise ConfigError(f"model.variant must be pi0 or pi05, got {cfg.model.variant!r}")
+    for name in ("lr", "sft_lr", "critic_lr", "max_grad_norm", "noise_level", "value_clip", "arfm_lambda"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"algo.{name} must be >= 0, got {getattr(a, name)}")
+    for name in ("clip", "fpo_clip", "fpo_clamp", "vla_beta", "vla_eta"):
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"algo.{name} must be > 0, got {getattr(a, name)}")
+    for name in ("gamma", "lam", "vla_tau"):
+        if not 0.0 <= getattr(a, name) <= 1.0:
+            raise ConfigError(f"algo.{name} must be in [0, 1], got {getattr(a, name)}")
+    if not 0.0 < a.noise_min < a.noise_max:
+        raise ConfigError(f"need 0 < algo.noise_min < algo.noise_max (the Flow-Noise std bounds), got "
+                          f"{a.noise_min}, {a.noise_max}")
+    if a.logprob_reduce not in ("sum", "mean"):
+        raise ConfigError(f"algo.logprob_reduce must be sum or mean, got {a.logprob_reduce!r}")
+    e = cfg.env
+    if e.num_envs < 1:
+        raise ConfigError(f"env.num_envs must be >= 1, got {e.num_envs}")
+    for name in ("image_size", "chunk_steps", "max_episode_steps"):
+        if getattr(e, name) < 1:
+            raise ConfigError(f"env.{name} must be >= 1, got {getattr(e, name)}")
+    if e.settle_steps < 0:
+        raise ConfigError(f"env.settle_steps must be >= 0, got {e.settle_steps}")
+    if not 0.0 <= e.expert_quality <= 1.0:
+        raise ConfigError(f"env.expert_quality must be in [0, 1], got {e.expert_quality}")
+    if e.flip not in ("vertical", "rotate180"):
+        raise ConfigError(f"env.flip must be vertical or rotate180, got {e.flip!r}")
+    if e.name == "reach":
+        from flowrl.envs.reach import COLORS
+
+        if not 1 <= e.num_targets <= len(COLORS):
+            raise ConfigError(f"env.num_targets must be in [1, {len(COLORS)}] for reach, got {e.num_targets}")
+        if e.image_size < 8:
+            raise ConfigError(f"env.image_size must be >= 8 for reach, got {e.image_size}")
+        if e.max_episode_steps < e.chunk_steps:
+            raise ConfigError(f"env.max_episode_steps={e.max_episode_steps} must be >= env.chunk_steps="
+                              f"{e.chunk_steps} for reach")
     if a.name == "grpo" and cfg.env.num_envs % a.group_size != 0:
         raise ConfigError(f"env.num_envs={cfg.env.num_envs} must be divisible by algo.group_size={a.group_size} "
                           "(GRPO groups rollouts from one initial state)")

@@ -163,6 +163,20 @@ def run_config(checkpoint: Path) -> tuple[Any, dict[str, Any] | None]:
     return cfg, saved
 
 
+def _check_cli_args(args: argparse.Namespace) -> None:
+    """Range checks of the CLI's numbers, before anything is loaded (0 must not fall back to a default)."""
+    for flag, value, low in (("--episodes", args.episodes, 1), ("--num-envs", args.num_envs, 1),
+                             ("--num-steps", args.num_steps, 1), ("--max-episode-steps", args.max_episode_steps, 1),
+                             ("--videos", args.videos, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device: {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The eval CLI (see the module docstring); returns the result dict (also written by ``--json``)."""
     import json
@@ -192,11 +206,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="no shadows / reflections / multisampling (default: the run's setting)")
     g.add_argument("--flip", choices=("vertical", "rotate180"), default=None, help="default: the run's")
     args = p.parse_args(argv)
+    _check_cli_args(args)
     ck = Path(args.checkpoint)
     if not ck.is_dir():
         raise SystemExit(f"flowrl.eval: checkpoint directory {ck} does not exist")
     cfg, saved = run_config(ck)
     libero = args.suite is not None or cfg.env.name == "libero"
+    if not libero:  # LIBERO-only options on a reach run would be silently ignored
+        given = [flag for flag, v in (("--task-ids", args.task_ids), ("--videos", args.videos or None),
+                                      ("--video-dir", args.video_dir), ("--max-episode-steps", args.max_episode_steps),
+                                      ("--fast-render", args.fast_render), ("--flip", args.flip))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: LIBERO-only option(s), but this run's env is "
+                             f"{cfg.env.name!r} (pass --suite to evaluate on LIBERO)")
     if libero:  # bad arguments fail before anything is loaded
         from flowrl.eval_libero import check_libero_args
 

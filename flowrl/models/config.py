@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,12 @@ class PolicyConfig:
     activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"PolicyConfig: {f.name} must be a positive int, got {v!r}")
+            if f.type == "float" and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+                raise ValueError(f"PolicyConfig: {f.name} must be a finite number, got {v!r}")
         if self.variant not in ("pi0", "pi05"):
             raise ValueError(f"PolicyConfig: variant must be 'pi0' or 'pi05', got {self.variant!r}")
         if self.dtype not in DTYPES:
@@ -94,10 +101,11 @@ class PolicyConfig:
         if not 0 < self.noise_std_min < self.noise_std_max:
             raise ValueError(f"PolicyConfig: need 0 < noise_std_min < noise_std_max, got "
                              f"[{self.noise_std_min}, {self.noise_std_max}]")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"PolicyConfig: {f.name} must be a positive int, got {v!r}")
+        for name in ("rope_theta", "rms_eps", "min_period", "max_period"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PolicyConfig: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.noise_level < 0:
+            raise ValueError(f"PolicyConfig: noise_level (Flow-SDE a) must be >= 0, got {self.noise_level!r}")
 
     @property
     def tokens_per_image(self) -> int:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +42,7 @@ __all__ = ["Observation", "Pi0Policy", "PrefixCache", "SampleResult", "sinusoida
 
 MODES = ("ode", "sde", "noise")
 FREEZE_MODES = ("expert_only", "expert_and_vlm", "none")
+_PRECISIONS = ("float32", "bfloat16", "float16", "float64")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -96,7 +98,13 @@ class Observation:
         ``allow_missing`` (then it becomes an image of -1 with mask False, as lerobot pads it);
         unknown keys are always an error; at least one camera must be present.
         """
+        if isinstance(camera_names, str):
+            raise TypeError(f"Observation.from_cameras: camera_names must be a list of names, got the string "
+                            f"{camera_names!r}")
         names = list(camera_names)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"Observation.from_cameras: camera_names has duplicates {dup}")
         unknown = sorted(set(images) - set(names))
         if unknown:
             raise ValueError(f"Observation.from_cameras: images has unknown camera keys {unknown}; expected {names}")
@@ -107,8 +115,22 @@ class Observation:
         if len(missing) == len(names):
             raise ValueError(f"Observation.from_cameras: images holds none of the cameras {names}")
         ref = next(images[n] for n in names if n in images)
-        if ref.dim() != 4:
-            raise ValueError(f"Observation.from_cameras: each image must be (B, 3, Hi, Wi), got {tuple(ref.shape)}")
+        for n in names:
+            if n not in images:
+                continue
+            im = images[n]
+            if not isinstance(im, torch.Tensor):
+                raise TypeError(f"Observation.from_cameras: images[{n!r}] must be a torch.Tensor, got "
+                                f"{type(im).__name__}")
+            if im.dim() != 4:
+                raise ValueError(f"Observation.from_cameras: images[{n!r}] must be (B, 3, Hi, Wi), got "
+                                 f"{tuple(im.shape)}")
+            if not im.is_floating_point():
+                raise TypeError(f"Observation.from_cameras: images[{n!r}] must be float in [-1, 1], got {im.dtype}")
+            if im.shape != ref.shape or im.device != ref.device:
+                raise ValueError(f"Observation.from_cameras: images[{n!r}] is {tuple(im.shape)} on {im.device}, but "
+                                 f"the first camera's image is {tuple(ref.shape)} on {ref.device}: every camera needs "
+                                 "the same batch size, image size and device")
         imgs, masks = [], []
         for n in names:
             if n in images:
@@ -175,6 +197,13 @@ class SampleResult:
     initial_logp: torch.Tensor
     logp: torch.Tensor
     t_grid: torch.Tensor
+
+
+def _check_count(where: str, name: str, value: Any) -> int:
+    """``value`` as an int >= 1 (Python or NumPy int, not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"Pi0Policy.{where}: {name} must be an int >= 1, got {value!r}")
+    return int(value)
 
 
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
@@ -301,7 +330,14 @@ class Pi0Policy(nn.Module):
         """Gemma weights (VLM, expert, token embeddings) in ``dtype`` (default: ``config.dtype``);
         the vision tower, projector, all norms (incl. adaRMS dense layers), the action/state/time
         projections and the heads stay float32 (lerobot's rule)."""
-        dtype = getattr(torch, dtype or self.config.dtype) if not isinstance(dtype, torch.dtype) else dtype
+        if not isinstance(dtype, torch.dtype):
+            name = dtype or self.config.dtype
+            dtype = getattr(torch, name, None) if isinstance(name, str) else None
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"Pi0Policy.set_precision: dtype must be a torch dtype or one of {_PRECISIONS}, "
+                                 f"got {name!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"Pi0Policy.set_precision: dtype must be a floating-point dtype, got {dtype}")
         self.embed_tokens.to(dtype)
         for stack in (self.vlm, self.expert):
             for layer in stack.layers:
@@ -353,6 +389,8 @@ class Pi0Policy(nn.Module):
         if im.dim() != 5 or im.shape[2] != 3:
             raise ValueError(f"Pi0Policy: obs.images must be (B, C, 3, Hi, Wi), got {tuple(im.shape)}")
         B, C = im.shape[:2]
+        if B == 0:
+            raise ValueError("Pi0Policy: obs holds no observation (obs.images has batch size 0); pass B >= 1")
         if C != c.num_cameras:
             raise ValueError(f"Pi0Policy: obs.images holds {C} cameras, the config expects num_cameras={c.num_cameras}")
         if tuple(im.shape[3:]) != (c.image_size, c.image_size):
@@ -457,9 +495,11 @@ class Pi0Policy(nn.Module):
         dev = self.device
         # images: only the valid (b, camera) pairs go through SigLIP
         img_valid = obs.image_masks
-        feats = self.embed_images(obs.images[img_valid])  # (n, T, W)
-        img_emb = feats.new_zeros(B, C, T, W).index_put((img_valid,), feats) if feats.shape[0] else \
-            feats.new_zeros(B, C, T, W)
+        if not bool(img_valid.any()):  # no camera in the whole batch (language only): SigLIP cannot run on 0 images
+            img_emb = torch.zeros(B, C, T, W, device=dev)
+        else:
+            feats = self.embed_images(obs.images[img_valid])  # (n, T, W)
+            img_emb = feats.new_zeros(B, C, T, W).index_put((img_valid,), feats)
         emb = torch.cat([img_emb.view(B, C * T, W).to(dt), self.embed_language(obs.tokens).to(dt)], dim=1)
         valid = torch.cat([img_valid.repeat_interleave(T, dim=1), obs.token_masks], dim=1)
         lens = valid.sum(1)
@@ -650,11 +690,8 @@ class Pi0Policy(nn.Module):
         c = self.config
         if mode not in MODES:
             raise ValueError(f"Pi0Policy.sample_actions: mode must be one of {MODES}, got {mode!r}")
-        K = c.num_steps if num_steps is None else num_steps
-        if not isinstance(K, int) or K < 1:
-            raise ValueError(f"Pi0Policy.sample_actions: num_steps must be an int >= 1, got {K!r}")
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"Pi0Policy.sample_actions: group_size must be an int >= 1, got {group_size!r}")
+        K = _check_count("sample_actions", "num_steps", c.num_steps if num_steps is None else num_steps)
+        group_size = _check_count("sample_actions", "group_size", group_size)
         a = c.noise_level if noise_level is None else float(noise_level)
         with torch.no_grad():
             cache = self._as_cache(obs_or_cache)
@@ -809,6 +846,9 @@ class Pi0Policy(nn.Module):
             raise ValueError(f"Pi0Policy.cfm_losses: noise must be (B={B}, N, H, D), got "
                              f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         N = noise.shape[1]
+        if N == 0:
+            raise ValueError("Pi0Policy.cfm_losses: noise must hold N >= 1 (tau, eps) pairs per observation, got "
+                             f"{tuple(noise.shape)}")
         self._check_actions("noise", noise, (B, N))
         if not isinstance(tau, torch.Tensor) or tau.shape != (B, N):
             raise ValueError(f"Pi0Policy.cfm_losses: tau must be (B, N) = ({B}, {N})")
@@ -847,14 +887,17 @@ class Pi0Policy(nn.Module):
         """
         if mode not in ("sde", "noise"):
             raise ValueError(f"Pi0Policy.chain_logprob: mode must be 'sde' or 'noise', got {mode!r}")
+        N = _check_count("chain_logprob", "group_size", group_size)
         cache = self._as_cache(obs_or_cache)
         c = self.config
-        N = group_size
         BN = cache.batch_size * N
         if not isinstance(chain, torch.Tensor) or chain.dim() != 4 or chain.shape[0] != BN:
             raise ValueError(f"Pi0Policy.chain_logprob: chain must be (B·N={BN}, K+1, H, D), got "
                              f"{tuple(chain.shape) if isinstance(chain, torch.Tensor) else type(chain).__name__}")
         K = chain.shape[1] - 1
+        if K < 1:
+            raise ValueError(f"Pi0Policy.chain_logprob: chain must hold K+1 >= 2 states (at least one denoising step), "
+                             f"got {tuple(chain.shape)}")
         self._check_actions("chain", chain, (BN, K + 1))
         t_grid = self._t_grid(K)
         tc = self.time_constants(t_grid[:K])
@@ -864,6 +907,14 @@ class Pi0Policy(nn.Module):
         if steps is not None:
             if not isinstance(steps, torch.Tensor) or steps.shape != (BN,):
                 raise ValueError(f"Pi0Policy.chain_logprob: steps must be an int tensor of shape ({BN},)")
+            if steps.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"Pi0Policy.chain_logprob: steps must be int64 step indices, got {steps.dtype}")
+            if steps.device != self.device:
+                raise ValueError(f"Pi0Policy.chain_logprob: steps is on {steps.device} but the policy is on "
+                                 f"{self.device}")
+            if value_checks_enabled(self.device) and BN and (int(steps.min()) < 0 or int(steps.max()) >= K):
+                raise ValueError(f"Pi0Policy.chain_logprob: steps must lie in [0, K={K}), got "
+                                 f"[{int(steps.min())}, {int(steps.max())}]")
             x = chain[torch.arange(BN, device=self.device), steps.long()]  # (BN, H, D)
             feats = self.suffix_features(cache, x, self._select_time(tc, steps.long()), N, self.suffix_rope(cache, N))
             v = self.velocity(feats)[:, None]

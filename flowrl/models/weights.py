@@ -189,30 +189,61 @@ def _infer_config(sd: dict[str, torch.Tensor], meta: dict[str, Any], variant: st
     return PolicyConfig(**fields)
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of ``path`` and its metadata; a missing, truncated or corrupt file is an error naming it."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise FileNotFoundError(f"no model.safetensors in {path.parent} (a local checkpoint directory is required; "
                                 "nothing is downloaded)")
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as e:  # safetensors raises its own SafetensorError (header) or OSError/RuntimeError (data)
+        raise ValueError(f"from_pretrained: {path} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{e}") from e
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """``config.json`` as a dict (``{}`` when absent); invalid JSON or a non-object is an error naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"from_pretrained: {path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"from_pretrained: {path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: PolicyConfig | None = None,
                 strict: bool = True, **overrides: Any) -> Pi0Policy:
     """Load ``directory`` (our format, lerobot PI0/PI05, or openpi PyTorch) into a new policy.
 
-    ``config``: use these sizes instead of reading / inferring them. ``overrides``: fields that
-    cannot be read off a foreign checkpoint (e.g. ``vision_heads`` of a non-So400m tower).
+    ``config``: use these sizes instead of reading / inferring them. ``overrides``: config fields
+    replaced on top of the read / inferred / given config (e.g. ``vision_heads`` of a non-So400m tower,
+    ``num_steps`` or ``activation_checkpointing``; a size that does not match the weights is a
+    :class:`CheckpointKeyError`).
     ``strict``: raise :class:`CheckpointKeyError` on unmatched or missing keys.
     """
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"from_pretrained: {d} is not a local directory (no hub access)")
-    meta: dict[str, Any] = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-    raw = _load_safetensors(d / "model.safetensors")
-    if meta.get("flowrl_policy"):
-        cfg = config or PolicyConfig.from_dict({k: v for k, v in meta.items() if k != "flowrl_policy"})
+    meta = _read_config_json(d / "config.json")
+    raw, st_meta = _load_safetensors(d / "model.safetensors")
+    if meta.get("flowrl_policy") or (st_meta.get("flowrl") == "pi0policy" and not meta):
+        if config is None and not meta:
+            raise FileNotFoundError(f"from_pretrained: {d} holds a flowrl model.safetensors but no config.json "
+                                    "(its sizes): restore config.json or pass config=PolicyConfig(...)")
+        if config is None:
+            try:
+                config = PolicyConfig.from_dict({k: v for k, v in meta.items() if k != "flowrl_policy"})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"from_pretrained: {d / 'config.json'}: {e}") from e
+        cfg = config.replace(**overrides) if overrides else config
         sd, unmatched, fmt = raw, [], "flowrl"
     else:
         typ = meta.get("type")
@@ -224,7 +255,10 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
             variant = "pi05" if any(".dense." in k or k.startswith(("time_mlp", "model.time_mlp")) for k in raw) and \
                 not any("state_proj" in k for k in raw) else "pi0"
         sd, unmatched = from_lerobot_state_dict(raw, variant)
-        cfg = config or _infer_config(sd, meta, variant, overrides)
+        if config is not None:
+            cfg = config.replace(**overrides) if overrides else config
+        else:
+            cfg = _infer_config(sd, meta, variant, overrides)
         fmt = "lerobot" if any(k.startswith("model.") for k in raw) else "openpi"
     policy = cls(cfg)
     q = sd.get("vlm.layers.0.self_attn.q_proj.weight")
