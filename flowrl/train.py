@@ -110,16 +110,25 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
 
 def build_policy(cfg: TrainConfig, env: Any) -> Any:
     """The policy: a named config sized to the env, or loaded from ``model.init_from``."""
-    from flowrl.models import Pi0Policy, from_pretrained, get_config
+    from flowrl.models import CheckpointKeyError, Pi0Policy, from_pretrained, get_config
 
     m = cfg.model
     if m.init_from:
         src = Path(m.init_from)
         if (src / "policy").is_dir():  # a trainer checkpoint
             src = src / "policy"
+        # the run's settings replace the checkpoint's (the sizes must match its weights)
+        over = {"value_heads": m.num_value_heads, "noise_std_min": cfg.algo.noise_min,
+                "noise_std_max": cfg.algo.noise_max, "num_steps": cfg.algo.num_steps, **m.overrides}
+        try:
+            policy = from_pretrained(str(src), **over)
+        except (CheckpointKeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"model.init_from={m.init_from}: the checkpoint does not take the run's model settings "
+                              f"{over} (model.num_value_heads, algo.noise_min/noise_max/num_steps, "
+                              f"model.overrides): {e}") from e
         # float32 master copy whatever the checkpoint's dtype (a bf16 run saves bf16 Gemma weights):
         # DeepSpeed's bf16 mode casts it again, an fp32 run must not train bf16 parameters in place
-        policy = from_pretrained(str(src)).float().set_activation_checkpointing(m.activation_checkpointing)
+        policy = policy.float().set_activation_checkpointing(m.activation_checkpointing)
     else:
         over = {"variant": m.variant, "num_cameras": env.num_cameras, "image_size": env.image_size,
                 "value_heads": m.num_value_heads, "noise_std_min": cfg.algo.noise_min,

@@ -536,3 +536,23 @@ def test_two_rank_training_loop(tmp_path):
     assert math.isfinite(m["policy_loss"]) and 0.0 <= m["success_rate"] <= 1.0, m
     assert 0.05 < m["peak_rss_gb"] < 64, m
     assert latest_checkpoint(run_dir) is not None
+
+
+def test_init_from_takes_the_runs_model_settings(tmp_path):
+    """``model.init_from``: the run's num_steps, Flow-Noise std bounds and model.overrides replace the
+    checkpoint's (they were silently the checkpoint's); a value-head count its weights do not have is a
+    ConfigError naming the setting, before any work."""
+    from flowrl.train import build_env, build_policy
+
+    base = [f"run_dir={tmp_path / 'a'}", *TINY]
+    cfg = load_config(None, base)
+    env = build_env(cfg)
+    build_policy(cfg, env).save_pretrained(tmp_path / "ck")
+    cfg = load_config(None, [*base, f"model.init_from={tmp_path / 'ck'}", "algo.num_steps=3", "algo.noise_min=0.05",
+                             "algo.noise_max=0.3", "model.overrides.noise_level=0.7"])
+    pc = build_policy(cfg, env).config
+    assert (pc.num_steps, pc.noise_std_min, pc.noise_std_max, pc.noise_level) == (3, 0.05, 0.3, 0.7)
+    cfg = load_config(None, [*base, f"model.init_from={tmp_path / 'ck'}", "model.num_value_heads=3"])
+    with pytest.raises(ConfigError, match=r"model\.num_value_heads"):
+        build_policy(cfg, env)
+    env.close()
