@@ -252,3 +252,15 @@ def test_fpo_ratio_nan_clamp_and_empty_mean():
     with pytest.raises(ValueError, match="needs N >= 1"):
         fk.fpo_ratio(old[:, :0], new[:, :0], mode="mean")
     assert fk.fpo_ratio(old[:, :0], new[:, :0], mode="per_sample").shape == (2, 0)
+
+
+def test_prefix_attention_numpy_group_size():
+    """A NumPy integer group size (e.g. from a config array) was refused as "must be an int >= 1, got 2";
+    it now equals the Python int, while bools and floats stay refused."""
+    np = pytest.importorskip("numpy")
+    ins = _attn_inputs(2, 2, 3, 5, 4, 2, 8)
+    want = fk.prefix_attention(*ins, group_size=2, backend="torch")
+    torch.testing.assert_close(fk.prefix_attention(*ins, group_size=np.int64(2), backend="torch"), want)
+    for bad in (np.bool_(True), 2.0):
+        with pytest.raises(ValueError, match="group_size"):
+            fk.prefix_attention(*ins, group_size=bad, backend="torch")

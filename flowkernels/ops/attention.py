@@ -19,6 +19,7 @@ a query that sees no key at all gets ``out = 0`` and ``lse = -inf``.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -313,6 +314,8 @@ def prefix_attention(
         ``out (B·N, S, Hq, d)`` in q's dtype, and ``lse`` if ``return_lse``. Differentiable
         w.r.t. q, k, v, prefix_k, prefix_v on every backend.
     """
+    if type(group_size).__module__ == "numpy" and hasattr(group_size, "__index__"):
+        group_size = operator.index(group_size)  # NumPy integers as Python ints (np.bool_ has no __index__)
     valid = _check_inputs(q, k, v, prefix_k, prefix_v, prefix_lens, prefix_mask, suffix_mask, group_size)
     d = q.shape[-1]
     scale = float(d) ** -0.5 if scale is None else float(scale)
