@@ -192,15 +192,13 @@ def _infer_config(sd: dict[str, torch.Tensor], meta: dict[str, Any], variant: st
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of ``path`` and its metadata; a missing, truncated or corrupt file is an error naming it."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not path.is_file():
         raise FileNotFoundError(f"no model.safetensors in {path.parent} (a local checkpoint directory is required; "
                                 "nothing is downloaded)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError (header) or OSError/RuntimeError (data)
         raise ValueError(f"from_pretrained: {path} is not a readable safetensors file (truncated or corrupt?): "
                          f"{e}") from e
