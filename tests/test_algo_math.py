@@ -133,3 +133,65 @@ def test_collect_demos_keeps_exactly_the_asked_episodes():
     assert torch.equal(demos.data["actions"][:, :, 2:], torch.zeros(5, 10, 2))
     ret = demos.data["ret"]
     assert bool(((ret == 0) | (ret > 0.09)).all())
+
+
+def _surrogate_grad(name: str, ratio_value: float, adv: list[float] | None = None, **algo_kw):
+    """Rollout of a tiny π0 on the reaching task with ``name``, then d(loss)/d(ratio) on the whole batch
+    with the ratio replaced by a constant ``ratio_value`` leaf: what the surrogate does with the
+    advantages (the value loss does not depend on the ratio); ``adv`` replaces the rollout's advantages
+    (repeated over the batch). Returns (batch, grad)."""
+    from flowrl.config import AlgoConfig, TrainConfig
+    from flowrl.envs import ReachEnv
+    from flowrl.models import Pi0Policy, get_config
+    from flowrl.train import build_algorithm
+
+    torch.manual_seed(0)
+    G = algo_kw.get("group_size", 1)
+    env = ReachEnv(4, num_targets=2, chunk_steps=5, max_episode_steps=10, state_with_targets=True, group_size=G)
+    policy = Pi0Policy(get_config("tiny", num_cameras=1, image_size=32, action_horizon=10, vocab_size=16,
+                                  max_token_len=8)).eval()
+    cfg = AlgoConfig(name=name, num_steps=2, rollout_chunks=2, epochs=1, minibatch_size=4, fpo_pairs=3, **algo_kw)
+    algo = build_algorithm(TrainConfig(algo=cfg))
+    batch, _ = algo.rollout(env, policy, env.reset(seed=0))
+    env.close()
+    if adv is not None:
+        batch.data["adv"] = torch.tensor(adv).repeat(len(batch) // len(adv))
+    shape = (len(batch), cfg.fpo_pairs) if name == "fpo" else (len(batch),)
+    r = torch.full(shape, ratio_value, requires_grad=True)
+    algo.ratio = lambda *a: (r, {})
+    (g,) = torch.autograd.grad(algo.loss(policy, batch)[0], r)
+    return batch, g
+
+
+def test_grpo_uses_its_group_advantages_unnormalized():
+    """DESIGN §1: GRPO's advantage is (R − mean)/(std + 1e−6) of the group; PPO's minibatch normalization
+    (which shifted an all-equal group off 0) must not be applied on top."""
+    # a group with equal rewards (0, 0) and one with a hit (1, −1): minibatch normalization would move the
+    # first off 0 and rescale the second
+    batch, g = _surrogate_grad("grpo", 1.0, adv=[0.0, 0.0, 1.0, -1.0], group_size=2)
+    torch.testing.assert_close(g, -batch.data["adv"] / len(batch))
+    assert (g[batch.data["adv"] == 0] == 0).all()
+
+
+def test_fpo_surrogate_has_no_dual_clip_and_ppo_normalizes():
+    """FPO's clipped surrogate has no dual clip: at ρ = 4 > dual_clip with Â < 0 the gradient is Â/n·… ≠ 0
+    (the dual clip would zero it); Flow-SDE PPO keeps the dual clip and normalizes per minibatch."""
+    batch, g = _surrogate_grad("fpo", 4.0, fpo_spo=False)
+    adv = L.normalize(batch.data["adv"])[:, None].expand_as(g)
+    neg = adv < 0
+    assert neg.any() and (~neg).any()
+    torch.testing.assert_close(g[neg], -adv[neg] / g.numel())  # ρ·Â is the min for Â < 0: gradient Â
+    assert (g[~neg] == 0).all()  # clipped at 1 + ε for Â > 0
+    batch, g = _surrogate_grad("flow_sde_ppo", 4.0)
+    assert (g == 0).all()  # ρ = 4: clipped above for Â > 0, dual-clipped at 3·Â for Â < 0
+    batch, g = _surrogate_grad("flow_sde_ppo", 1.0)
+    torch.testing.assert_close(g, -L.normalize(batch.data["adv"]) / len(batch))
+
+
+def test_value_clip_is_per_head_and_gae_uses_the_ensemble_min():
+    """Each value head's clip window is centred on its own rollout value; GAE's baseline is the min."""
+    batch, _ = _surrogate_grad("flow_sde_ppo", 1.0)
+    heads = batch.data["old_values"]
+    assert heads.shape == (len(batch), 2)  # the tiny config's two value heads
+    assert not torch.equal(heads[:, 0], heads[:, 1])  # two different heads
+    torch.testing.assert_close(batch.data["ret"] - batch.data["adv"], heads.amin(dim=1))

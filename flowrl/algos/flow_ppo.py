@@ -37,8 +37,8 @@ class _ChainPPO(OnPolicy):
             pobs, mode=self.mode, num_steps=self.cfg.num_steps, noise=x0, sde_steps=steps,
             noise_level=self.cfg.noise_level, return_chain=True, generator=self.gen,
         )
-        lp = policy.chain_logprob(pobs, res.chain, mode=self.mode, steps=steps, dim_mask=dim_mask,
-                                  step_mask=step_mask, reduce=self.cfg.logprob_reduce).float()
+        lp = policy.chain_logprob(pobs, res.chain, mode=self.mode, steps=steps, noise_level=self.cfg.noise_level,
+                                  dim_mask=dim_mask, step_mask=step_mask, reduce=self.cfg.logprob_reduce).float()
         store = {"chain": res.chain, "logp_old": lp}
         if steps is not None:
             store["steps"] = steps
@@ -46,7 +46,8 @@ class _ChainPPO(OnPolicy):
 
     def ratio(self, policy: Any, pobs: Any, mb: Batch, dim_mask: torch.Tensor, step_mask: torch.Tensor):
         lp = policy.chain_logprob(pobs, mb.data["chain"], mode=self.mode, steps=mb.data.get("steps"),
-                                  dim_mask=dim_mask, step_mask=step_mask, reduce=self.cfg.logprob_reduce).float()
+                                  noise_level=self.cfg.noise_level, dim_mask=dim_mask, step_mask=step_mask,
+                                  reduce=self.cfg.logprob_reduce).float()
         log_ratio = (lp - mb.data["logp_old"]).clamp(-20, 20)
         return torch.exp(log_ratio), {"logp": float(lp.detach().mean())}
 

@@ -2,8 +2,9 @@
 
 Rollout: sample the chunk with the ODE, draw N pairs (τ, ε) per chunk, store the per-sample
 CFM losses ℓ_i^old under the rollout weights. Update: recompute ℓ_i with the same (τ, ε);
-ratio ``exp(mean ℓ^old − mean ℓ^new)`` ("mean") or ``exp(clamp(ℓ_i^old − ℓ_i^new, ±c))``
-averaged over i ("per_sample"), then PPO's clipped surrogate at ``fpo_clip`` (or the SPO form).
+ratio ``exp(mean ℓ^old − mean ℓ^new)`` ("mean", unclamped) or ``ρ_i = exp(clamp(ℓ_i^old − ℓ_i^new, ±c))``
+("per_sample": each ρ_i clipped against its chunk's advantage, the objectives averaged over i), then
+the clipped surrogate ``−mean min(ρ·Â, clip(ρ, 1 ± fpo_clip)·Â)`` (no dual clip) or the SPO form.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def draw_pairs(B: int, N: int, H: int, D: int, gen: torch.Generator, device: tor
 
 class FPO(OnPolicy):
     name = "fpo"
+    dual_clip_ok = False  # FPO's surrogate is the plain clipped one (DESIGN §1)
 
     @property
     def clip(self) -> float:
@@ -62,5 +64,6 @@ class FPO(OnPolicy):
                                 dim_mask=dim_mask, step_mask=step_mask).float()
         mode = self.cfg.fpo_ratio
         # per_sample: (n, N) ratios, each clipped against its chunk's advantage
-        r = flowkernels.fpo_ratio(mb.data["loss_old"], new, mode=mode, clamp=self.cfg.fpo_clamp)
+        clamp = self.cfg.fpo_clamp if mode == "per_sample" else None  # DESIGN §1: only the per-sample form
+        r = flowkernels.fpo_ratio(mb.data["loss_old"], new, mode=mode, clamp=clamp)
         return r, {"cfm_loss": float(new.detach().mean())}

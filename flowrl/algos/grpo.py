@@ -29,6 +29,8 @@ _LIKELIHOODS = {"fpo": FPO, "flow_noise": FlowNoisePPO, "flow_sde": FlowSDEPPO}
 class _GRPOMixin:
     """GRPO's rollout and advantages on top of a likelihood's ``sample`` / ``ratio``."""
 
+    normalize_advantages = False  # the group advantages (R − mean)/(std + 1e−6) as they are (DESIGN §1)
+
     name = "grpo"
     uses_critic = False
 

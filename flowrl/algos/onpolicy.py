@@ -65,8 +65,12 @@ class OnPolicy(Algorithm):
         def act(o: EnvObs) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
             cache = policy.encode_prefix(to_policy_obs(o.to(dev), policy))  # one prefix pass per chunk
             actions, store = self.sample(policy, cache, dim_mask, step_mask)
-            v = (self.critic(policy, cache).amin(dim=1).float() if self.uses_critic
-                 else torch.zeros(actions.shape[0], device=dev))
+            if self.uses_critic:
+                heads = self.critic(policy, cache).float()  # (B, M)
+                store = {**store, "old_values": heads}  # each head's value clip is centred on its own
+                v = heads.amin(dim=1)  # GAE's baseline: the ensemble min
+            else:
+                v = torch.zeros(actions.shape[0], device=dev)
             return actions, store, v
 
         T = self.cfg.rollout_chunks
@@ -84,7 +88,7 @@ class OnPolicy(Algorithm):
         adv, ret = self.advantages(R, V, D, last_v)
         # flatten time-major (T, B) -> T·B in the same order as cat_obs
         data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}
-        data.update(adv=adv.reshape(-1), ret=ret.reshape(-1), old_value=V.reshape(-1))
+        data.update(adv=adv.reshape(-1), ret=ret.reshape(-1))
         stats = episode_stats(steps)
         stats.update(explained_variance=L.explained_variance(V.reshape(-1), ret.reshape(-1)),
                      env_steps=float(env.num_envs * T * env.chunk_steps))
@@ -101,7 +105,7 @@ class OnPolicy(Algorithm):
             raise RuntimeError(f"{type(self).__name__}.loss: call rollout() first (it sets the env's action masks)")
         dim_mask, step_mask = self.masks
         pobs = policy.encode_prefix(to_policy_obs(mb.obs.to(dev), policy))  # shared by ratio and critic
-        adv = L.normalize(mb.data["adv"])
+        adv = L.normalize(mb.data["adv"]) if self.normalize_advantages else mb.data["adv"]
         ratio, stats = self.ratio(policy, pobs, mb, dim_mask, step_mask)
         if ratio.dim() == 2:  # FPO's per-sample ratios (n, N) share their chunk's advantage
             adv = adv[:, None].expand_as(ratio)
@@ -109,11 +113,11 @@ class OnPolicy(Algorithm):
             pl = L.spo_policy_loss(ratio, adv, self.clip)
             pstats = {"clip_frac": ((ratio - 1).abs() > self.clip).float().mean(), "ratio_mean": ratio.mean()}
         else:
-            pl, pstats = L.ppo_policy_loss(ratio, adv, self.clip, self.cfg.dual_clip)
+            pl, pstats = L.ppo_policy_loss(ratio, adv, self.clip, self.cfg.dual_clip if self.dual_clip_ok else None)
         loss = pl
         if self.uses_critic:
             v = self.critic(policy, pobs).float()  # (n, M): every head regresses the return
-            old = mb.data["old_value"][:, None].expand_as(v)
+            old = mb.data["old_values"]  # (n, M): each head clipped around its own rollout value
             ret = mb.data["ret"][:, None].expand_as(v)
             vl = L.value_loss(v, old, ret, self.cfg.value_clip)
             loss = loss + vl
@@ -138,6 +142,11 @@ class OnPolicy(Algorithm):
         if side == "auto":
             side = "expert" if policy.config.variant == "pi0" else "vlm"
         return policy.value(obs_or_cache, side=side, detach=self.cfg.critic_detach)
+
+    #: PPO's minibatch advantage normalization (DESIGN §1); GRPO's group advantages are used as they are
+    normalize_advantages = True
+    #: PPO's dual clip (``algo.dual_clip``) for likelihood ratios; FPO's surrogate has none (DESIGN §1)
+    dual_clip_ok = True
 
     @property
     def clip(self) -> float:

@@ -295,7 +295,7 @@ class VLAFPO(Algorithm):
             pl = L.spo_policy_loss(ratio, adv, self.cfg.clip)
             pst = {"clip_frac": ((ratio - 1).abs() > self.cfg.clip).float().mean(), "ratio_mean": ratio.mean().detach()}
         elif self.cfg.vla_clip:
-            pl, pst = L.ppo_policy_loss(ratio, adv, self.cfg.clip, self.cfg.dual_clip)
+            pl, pst = L.ppo_policy_loss(ratio, adv, self.cfg.clip, None)  # FPO's surrogate: no dual clip
         else:
             pl = -(ratio * adv).mean()
             pst = {"clip_frac": torch.zeros(()), "ratio_mean": ratio.mean().detach()}
