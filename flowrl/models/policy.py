@@ -495,10 +495,11 @@ class Pi0Policy(nn.Module):
         dev = self.device
         # images: only the valid (b, camera) pairs go through SigLIP
         img_valid = obs.image_masks
-        if not bool(img_valid.any()):  # no camera in the whole batch (language only): SigLIP cannot run on 0 images
+        sel = obs.images[img_valid]  # (n, 3, Hi, Wi); n is known after this one (syncing) selection
+        if sel.shape[0] == 0:  # no camera in the whole batch (language only): SigLIP cannot run on 0 images
             img_emb = torch.zeros(B, C, T, W, device=dev)
         else:
-            feats = self.embed_images(obs.images[img_valid])  # (n, T, W)
+            feats = self.embed_images(sel)  # (n, T, W)
             img_emb = feats.new_zeros(B, C, T, W).index_put((img_valid,), feats)
         emb = torch.cat([img_emb.view(B, C * T, W).to(dt), self.embed_language(obs.tokens).to(dt)], dim=1)
         valid = torch.cat([img_valid.repeat_interleave(T, dim=1), obs.token_masks], dim=1)
@@ -912,9 +913,10 @@ class Pi0Policy(nn.Module):
             if steps.device != self.device:
                 raise ValueError(f"Pi0Policy.chain_logprob: steps is on {steps.device} but the policy is on "
                                  f"{self.device}")
-            if value_checks_enabled(self.device) and BN and (int(steps.min()) < 0 or int(steps.max()) >= K):
-                raise ValueError(f"Pi0Policy.chain_logprob: steps must lie in [0, K={K}), got "
-                                 f"[{int(steps.min())}, {int(steps.max())}]")
+            if value_checks_enabled(self.device) and BN:
+                lo, hi = torch.stack([steps.min(), steps.max()]).tolist()  # one host read
+                if lo < 0 or hi >= K:
+                    raise ValueError(f"Pi0Policy.chain_logprob: steps must lie in [0, K={K}), got [{lo}, {hi}]")
             x = chain[torch.arange(BN, device=self.device), steps.long()]  # (BN, H, D)
             feats = self.suffix_features(cache, x, self._select_time(tc, steps.long()), N, self.suffix_rope(cache, N))
             v = self.velocity(feats)[:, None]
