@@ -254,10 +254,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for name in ("iterations", "sft_iterations", "checkpoint_every", "eval_episodes"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("num_steps", "epochs", "minibatch_size", "rollout_chunks", "fpo_pairs", "group_size", "grad_accum"):
-        if getattr(a, name) < 1:
-            raise ConfigError(f"algo.{name} must be >= 1, got {getattr(a, name)}")
-    for name in ("sft_steps", "sft_batch", "num_demos", "vla_latent_steps", "vla_ensemble"):
+    for name in ("num_steps", "epochs", "minibatch_size", "rollout_chunks", "fpo_pairs", "group_size", "grad_accum",
+                 "sft_steps", "sft_batch", "num_demos", "vla_latent_steps", "vla_ensemble"):
         if getattr(a, name) < 1:
             raise ConfigError(f"algo.{name} must be >= 1, got {getattr(a, name)}")
     if cfg.model.num_value_heads < 1:
