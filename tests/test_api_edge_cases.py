@@ -204,6 +204,13 @@ def test_flow_step_nonfinite_scalars_refused_on_every_backend(backend, device):
             fk.flow_step(x, v, 0.5, 0.1, "sde", noise_level=level, seed=0, backend=backend)
 
 
+def test_flow_step_ode_refuses_noise():
+    """ode adds no noise: a given ``noise`` was silently ignored (``std`` was already refused)."""
+    x, v = _xv()
+    with pytest.raises(ValueError, match="noise is only used by modes 'sde' and 'noise'"):
+        fk.flow_step(x, v, 0.5, 0.1, "ode", noise=torch.randn_like(x))
+
+
 @pytest.mark.parametrize("backend,device", CPU_PARAMS)
 def test_chain_logprob_nan_noise_level_refused(backend, device):
     g = torch.Generator().manual_seed(0)

@@ -72,6 +72,16 @@ def test_sample_actions_accepts_numpy_ints(policy):
     assert r.chain.shape == (6, 3, 50, 32)
 
 
+def test_sample_actions_ode_refuses_step_noise(policy):
+    """ode adds no transition noise; a given step_noise used to be ignored without a word."""
+    c = policy.config
+    step_noise = torch.randn(3, 2, c.action_horizon, c.action_dim)
+    with pytest.raises(ValueError, match="step_noise is only used by modes 'sde' and 'noise'"):
+        policy.sample_actions(_obs(policy), mode="ode", num_steps=2, step_noise=step_noise)
+    r = policy.sample_actions(_obs(policy), mode="sde", num_steps=2, step_noise=step_noise)
+    assert torch.isfinite(r.actions).all()
+
+
 @pytest.mark.parametrize("group_size", [0, -2, True, 2.0])
 def test_chain_logprob_group_size_is_checked(policy, group_size):
     obs = _obs(policy)

@@ -194,8 +194,9 @@ def test_cached_equals_naive(policy, mode):
     step_noise = torch.randn(B, K, c.action_horizon, c.action_dim, generator=g)
     sde_steps = torch.tensor([0, 2, 3]) if mode == "sde_hybrid" else None
     m = "sde" if mode == "sde_hybrid" else mode
+    sn = None if m == "ode" else step_noise  # ode takes no transition noise
     with torch.no_grad():
-        r = p.sample_actions(obs, mode=m, num_steps=K, noise=noise, step_noise=step_noise, sde_steps=sde_steps)
+        r = p.sample_actions(obs, mode=m, num_steps=K, noise=noise, step_noise=sn, sde_steps=sde_steps)
         ref = naive_sample(p, obs, m, K, noise, step_noise, sde_steps=sde_steps)
     err = (r.actions - ref).abs().max().item()
     assert err <= 1e-5, f"{c.variant}/{mode}: max |Δaction| = {err:.3e}"
@@ -239,7 +240,7 @@ def test_group_size_equals_repeated_obs(policy, mode):
     N, K = 3, 3
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(2 * N, c.action_horizon, c.action_dim, generator=g)
-    sn = torch.randn(2 * N, K, c.action_horizon, c.action_dim, generator=g)
+    sn = torch.randn(2 * N, K, c.action_horizon, c.action_dim, generator=g) if mode != "ode" else None
     r1 = p.sample_actions(obs, mode=mode, num_steps=K, group_size=N, noise=noise, step_noise=sn)
     r2 = p.sample_actions(obs.repeat_interleave(N), mode=mode, num_steps=K, group_size=1, noise=noise, step_noise=sn)
     assert (r1.actions - r2.actions).abs().max().item() <= 1e-5
@@ -500,7 +501,7 @@ def test_cuda_graph_sampling_matches_eager():
     cache = p.encode_prefix(obs)
     for mode in ("ode", "noise"):
         noise = torch.randn(6, 50, 32, device="cuda")
-        sn = torch.randn(6, 5, 50, 32, device="cuda")
+        sn = torch.randn(6, 5, 50, 32, device="cuda") if mode != "ode" else None
         eager = p.sample_actions(cache, mode=mode, num_steps=5, group_size=2, noise=noise, step_noise=sn)
         for _ in range(2):
             gr = p.sample_actions(cache, mode=mode, num_steps=5, group_size=2, noise=noise, step_noise=sn,

@@ -114,7 +114,8 @@ def flow_step(
         t: float or ``(B,)`` current time(s) in ``[0, 1]`` (``(0, 1]`` for sde).
         dt: step size, ``> 0`` (``≤ t`` for sde).
         mode: ``"ode" | "sde" | "noise"``.
-        noise: ``(B, H, D)`` standard-normal ``ε``; if None it is drawn inside the kernel from
+        noise: ``(B, H, D)`` standard-normal ``ε`` (sde / noise modes only; an error with ode);
+            if None it is drawn inside the kernel from
             ``(seed, offset)`` (see :mod:`flowkernels.random`; element ``i`` uses counter
             ``offset + i``, so advance ``offset`` by ``B·H·D`` between calls with one seed).
             Without ``seed``, a seed is drawn from ``generator`` (or torch's default generator).
@@ -137,6 +138,8 @@ def flow_step(
     check_tensor(op, "v", v, (B, H, D), ("B", "H", "D"), device=dev)
     check_same_dtype(op, "x", x, v=v, noise=noise, std=std)
     if noise is not None:
+        if m == 0:
+            raise ValueError(f"{op}: noise is only used by modes 'sde' and 'noise' (mode is 'ode', which adds none)")
         check_tensor(op, "noise", noise, (B, H, D), ("B", "H", "D"), device=dev)
     if m == 2:
         if std is None:

@@ -674,8 +674,8 @@ class Pi0Policy(nn.Module):
             num_steps: K (default ``config.num_steps``).
             group_size: N rows per observation (sharing one prefix); rows ``b·N … b·N + N − 1``.
             noise: ``(B·N, H, D)`` float32 initial noise ε (default: drawn from ``generator``).
-            step_noise: ``(B·N, K, H, D)`` float32 transition noise for sde / noise (default:
-                drawn inside flowkernels.flow_step from a seed drawn from ``generator``).
+            step_noise: ``(B·N, K, H, D)`` float32 transition noise for sde / noise (an error with
+                ode; default: drawn inside flowkernels.flow_step from a seed drawn from ``generator``).
             sde_steps: ``(B·N,)`` int64: with mode ``"sde"``, only step ``k*`` of each row is
                 stochastic (Flow-SDE's hybrid), the others ODE. None: every step SDE.
             noise_level: Flow-SDE ``a`` (default ``config.noise_level``).
@@ -703,6 +703,9 @@ class Pi0Policy(nn.Module):
                 noise = torch.randn(BN, H, D, device=dev, generator=generator)
             self._check_actions("noise", noise, (BN,))
             if step_noise is not None:
+                if mode == "ode":
+                    raise ValueError("Pi0Policy.sample_actions: step_noise is only used by modes 'sde' and 'noise' "
+                                     "(mode 'ode' adds no transition noise)")
                 self._check_actions("step_noise", step_noise, (BN, K))
             if sde_steps is not None:
                 if mode != "sde":
@@ -725,7 +728,6 @@ class Pi0Policy(nn.Module):
 
     def _sample_loop(self, cache, mode, K, N, noise, step_noise, sde_steps, a, dim_mask, step_mask, return_chain,
                      seeds=None) -> SampleResult:
-        cache.batch_size * N
         grid = _time_grid(K)
         dt = 1.0 / K
         t_grid = self._t_grid(K)
