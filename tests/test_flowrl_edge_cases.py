@@ -52,6 +52,25 @@ def test_batch_without_any_camera_runs_and_matches_a_mixed_batch(policy):
         p.encode_prefix(replace(no_cam, token_masks=torch.zeros(2, 6, dtype=torch.bool)))
 
 
+def test_padding_token_ids_may_be_out_of_vocab(policy):
+    """Tokenizers pad with -1 / -100 / pad ids past the vocab: masked-out slots were refused
+    (or, unchecked, would index the embedding out of range). Only unmasked ids are checked."""
+    p, V = policy, policy.config.vocab_size
+    obs = _obs(p, B=2)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 3 + [False] * 3])
+    noise = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(2))
+    ref = p.sample_actions(replace(obs, tokens=obs.tokens.masked_fill(~mask, 0), token_masks=mask),
+                           num_steps=2, noise=noise)
+    for pad in (-100, -1, V, V + 7):
+        out = p.sample_actions(replace(obs, tokens=obs.tokens.masked_fill(~mask, pad), token_masks=mask),
+                               num_steps=2, noise=noise)
+        assert torch.equal(out.actions, ref.actions)
+    bad = obs.tokens.clone()
+    bad[1, 0] = V
+    with pytest.raises(ValueError, match=r"ids where token_masks is True must lie in \[0, vocab_size"):
+        p.encode_prefix(replace(obs, tokens=bad, token_masks=mask))
+
+
 def test_empty_batch_is_a_clear_error(policy):
     with pytest.raises(ValueError, match="batch size 0"):
         policy.sample_actions(_obs(policy, B=0), num_steps=2)

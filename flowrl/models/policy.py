@@ -408,12 +408,16 @@ class Pi0Policy(nn.Module):
             raise TypeError(f"Pi0Policy: obs.tokens must be int64 token ids, got {tok.dtype}")
         if tok.shape[1] > c.max_token_len:
             raise ValueError(f"Pi0Policy: obs.tokens has {tok.shape[1]} tokens, above max_token_len={c.max_token_len}")
-        if tok.numel() and value_checks_enabled(dev) and (int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size):
-            raise ValueError(f"Pi0Policy: obs.tokens ids must lie in [0, vocab_size={c.vocab_size}), got "
-                             f"[{int(tok.min())}, {int(tok.max())}]")
         if obs.token_masks.shape != tok.shape or obs.token_masks.dtype != torch.bool:
             raise ValueError(f"Pi0Policy: obs.token_masks must be bool of the tokens' shape {tuple(tok.shape)}, got "
                              f"{obs.token_masks.dtype} {tuple(obs.token_masks.shape)}")
+        # padding may hold any id (tokenizers pad with -1, -100, ...): masked-out slots read id 0
+        tok = torch.where(obs.token_masks, tok, torch.zeros((), dtype=tok.dtype, device=tok.device))
+        if tok.numel() and value_checks_enabled(dev):
+            lo, hi = torch.stack(torch.aminmax(tok)).tolist()  # one host read
+            if lo < 0 or hi >= c.vocab_size:
+                raise ValueError(f"Pi0Policy: obs.tokens ids where token_masks is True must lie in "
+                                 f"[0, vocab_size={c.vocab_size}), got [{lo}, {hi}]")
         state = obs.state
         if c.variant == "pi05":
             if state is not None:
