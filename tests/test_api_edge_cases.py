@@ -159,6 +159,18 @@ def test_merge_attention_states_nan_and_bad_input():
         fk.merge_attention_states(out, lse, out, 0.0)
 
 
+def test_merge_attention_states_refuses_mixed_or_half_dtypes():
+    """A float64 out_b was cast down to out_a's float32, and bf16 lse (errors of ~1e-2·|lse| in
+    the weights) was merged without a word."""
+    out, lse = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="out_a and out_b must have one dtype"):
+        fk.merge_attention_states(out, lse, out.double(), lse)
+    with pytest.raises(TypeError, match="lse_a must be float32 or float64"):
+        fk.merge_attention_states(out, lse.bfloat16(), out, lse)
+    o16, _ = fk.merge_attention_states(out.bfloat16(), lse, out.bfloat16(), lse.double())
+    assert o16.dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------------------------
 # flow_step / chain_logprob / philox_normal / fpo_ratio scalars
 # ----------------------------------------------------------------------------------------------

@@ -148,9 +148,10 @@ def merge_attention_states(
     """Merge two partial attentions over disjoint key sets by log-sum-exp.
 
     Args:
-        out_a, out_b: ``(..., S, H, d)`` partial outputs (each normalized over its own keys).
-        lse_a, lse_b: ``(..., S, H)`` natural-log log-sum-exp of the scaled scores of each part
-            (``-inf`` where a part has no key).
+        out_a, out_b: ``(..., S, H, d)`` partial outputs of one dtype (each normalized over its
+            own keys).
+        lse_a, lse_b: ``(..., S, H)`` float32 / float64 natural-log log-sum-exp of the scaled
+            scores of each part (``-inf`` where a part has no key).
     Returns:
         ``out (..., S, H, d)`` in out_a's dtype and ``lse (..., S, H)`` float32 (float64 for
         float64 inputs): ``lse = log(e^lse_a + e^lse_b)``, ``out = (e^lse_a·out_a +
@@ -165,6 +166,13 @@ def merge_attention_states(
             raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
         if t.device != out_a.device:
             raise ValueError(f"{op}: {name} is on {t.device} but out_a is on {out_a.device}")
+    if out_b.dtype != out_a.dtype:
+        raise TypeError(f"{op}: out_a and out_b must have one dtype, got {out_a.dtype} and {out_b.dtype} "
+                        f"(cast the lower-precision part up first)")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{op}: {name} must be float32 or float64 (a half-precision log-sum-exp puts "
+                            f"errors of ~1% into the merge weights), got {t.dtype}")
     if out_a.shape != out_b.shape:
         raise ValueError(f"merge_attention_states: out_a {fmt_shape(out_a.shape)} and out_b "
                          f"{fmt_shape(out_b.shape)} must have the same shape")
