@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flowrl.config import ConfigError, load_config
-from flowrl.models import Observation, Pi0Policy, from_pretrained, get_config
+from flowrl.models import CheckpointKeyError, Observation, Pi0Policy, from_pretrained, get_config
 
 torch.set_num_threads(1)
 
@@ -193,6 +193,12 @@ def test_from_pretrained_damaged_directories(policy, tmp_path):
         (d / "config.json").write_text(text)
         with pytest.raises(ValueError, match=msg):
             from_pretrained(str(d))
+    # a size field lost from config.json: the default (π0's width) does not fit the weights, and
+    # the error says which field was missing, not only 20 shape mismatches
+    (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads(cfg_text).items() if k != "vlm_width"}))
+    with pytest.raises(CheckpointKeyError, match=r"config\.json lacks vlm_width: PolicyConfig's defaults"):
+        from_pretrained(str(d))
+    assert from_pretrained(str(d), vlm_width=policy.config.vlm_width).config == policy.config
     (d / "config.json").write_text(cfg_text)
     good = (d / "model.safetensors").read_bytes()
     for data in (b"", good[:5000], b"x" * 100):

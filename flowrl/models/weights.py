@@ -15,6 +15,7 @@ initialization), is listed in a :class:`CheckpointKeyError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -75,9 +76,12 @@ NEW_PREFIXES = ("noise_head.", "value_vlm.", "value_expert.")
 class CheckpointKeyError(KeyError):
     """Unmatched / missing checkpoint keys; ``unexpected`` and ``missing`` list them."""
 
-    def __init__(self, path: str, unexpected: list[str], missing: list[str], shape_errors: list[str]):
+    def __init__(self, path: str, unexpected: list[str], missing: list[str], shape_errors: list[str],
+                 hint: str = ""):
         self.unexpected, self.missing, self.shape_errors = unexpected, missing, shape_errors
         lines = [f"checkpoint {path} does not match the policy:"]
+        if hint:
+            lines.append(f"  {hint}")
         for title, keys in (("unmatched checkpoint keys", unexpected), ("missing policy keys", missing),
                             ("shape mismatches", shape_errors)):
             if keys:
@@ -232,6 +236,7 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
         raise FileNotFoundError(f"from_pretrained: {d} is not a local directory (no hub access)")
     meta = _read_config_json(d / "config.json")
     raw, st_meta = _load_safetensors(d / "model.safetensors")
+    hint = ""
     if meta.get("flowrl_policy") or (st_meta.get("flowrl") == "pi0policy" and not meta):
         if config is None and not meta:
             raise FileNotFoundError(f"from_pretrained: {d} holds a flowrl model.safetensors but no config.json "
@@ -241,6 +246,11 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
                 config = PolicyConfig.from_dict({k: v for k, v in meta.items() if k != "flowrl_policy"})
             except (TypeError, ValueError) as e:
                 raise ValueError(f"from_pretrained: {d / 'config.json'}: {e}") from e
+            absent = [f.name for f in dataclasses.fields(PolicyConfig)
+                      if f.name not in meta and f.name not in overrides]
+            if absent:  # defaults fill them (older files); say so if the weights then do not fit
+                hint = (f"{d / 'config.json'} lacks {', '.join(absent)}: PolicyConfig's defaults were used for "
+                        f"{'them' if len(absent) > 1 else 'it'} (restore the field(s) or pass them as overrides)")
         cfg = config.replace(**overrides) if overrides else config
         sd, unmatched, fmt = raw, [], "flowrl"
     else:
@@ -268,7 +278,7 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
     shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs policy {tuple(own[k].shape)}"
                     for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if shape_errors or (strict and (missing or unexpected)):
-        raise CheckpointKeyError(str(d), unexpected, missing, shape_errors)
+        raise CheckpointKeyError(str(d), unexpected, missing, shape_errors, hint)
     with torch.no_grad():
         for k, v in sd.items():
             if k in own:
