@@ -172,6 +172,12 @@ def check_range(
             raise ValueError(f"{op}: {name} must lie in {lo_txt}{lo}, {hi}], got {value}")
 
 
+def host_min_max(t: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer tensor as Python ints, in one host read."""
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()
+    return lo, hi
+
+
 def check_positive(op: str, name: str, t: torch.Tensor) -> None:
     if value_checks_enabled(t.device):
         bad = ~(t > 0)

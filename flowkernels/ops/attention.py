@@ -24,7 +24,7 @@ import operator
 import torch
 
 from flowkernels._backend import BackendUnavailableError, resolve_backend
-from flowkernels._checks import fmt_shape, nvtx_range, value_checks_enabled
+from flowkernels._checks import fmt_shape, host_min_max, nvtx_range, value_checks_enabled
 
 __all__ = ["merge_attention_states", "prefix_attention", "prefix_attention_ref"]
 
@@ -267,7 +267,7 @@ def _check_inputs(
             raise ValueError(f"{op}: prefix_lens is on {prefix_lens.device} but q is on {q.device}")
         # reads the values: a host sync (off with fk.set_value_checks(False)); nothing to read when B = 0
         if value_checks_enabled(q.device) and prefix_lens.numel():
-            lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
+            lo, hi = host_min_max(prefix_lens)
             if lo < 0 or hi > P:
                 raise ValueError(f"{op}: prefix_lens must lie in [0, P = {P}], got values in [{lo}, {hi}]")
         valid = torch.arange(P, device=q.device)[None, :] < prefix_lens[:, None]

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import flowkernels as fk
-from flowkernels._checks import value_checks_enabled
+from flowkernels._checks import host_min_max, value_checks_enabled
 from flowrl.models.config import PolicyConfig, get_config
 from flowrl.models.gemma import GemmaLayer, GemmaStack, apply_rope, linear_f32, rope_cos_sin
 from flowrl.models.heads import NoiseHead, ValueEnsemble
@@ -412,9 +412,9 @@ class Pi0Policy(nn.Module):
             raise ValueError(f"Pi0Policy: obs.token_masks must be bool of the tokens' shape {tuple(tok.shape)}, got "
                              f"{obs.token_masks.dtype} {tuple(obs.token_masks.shape)}")
         # padding may hold any id (tokenizers pad with -1, -100, ...): masked-out slots read id 0
-        tok = torch.where(obs.token_masks, tok, torch.zeros((), dtype=tok.dtype, device=tok.device))
+        tok = torch.where(obs.token_masks, tok, 0)
         if tok.numel() and value_checks_enabled(dev):
-            lo, hi = torch.stack(torch.aminmax(tok)).tolist()  # one host read
+            lo, hi = host_min_max(tok)
             if lo < 0 or hi >= c.vocab_size:
                 raise ValueError(f"Pi0Policy: obs.tokens ids where token_masks is True must lie in "
                                  f"[0, vocab_size={c.vocab_size}), got [{lo}, {hi}]")
@@ -508,7 +508,7 @@ class Pi0Policy(nn.Module):
         emb = torch.cat([img_emb.view(B, C * T, W).to(dt), self.embed_language(obs.tokens).to(dt)], dim=1)
         valid = torch.cat([img_valid.repeat_interleave(T, dim=1), obs.token_masks], dim=1)
         lens = valid.sum(1)
-        P, shortest = torch.stack([lens.max(), lens.min()]).tolist() if B else (0, 1)  # one host read: P sizes h
+        shortest, P = host_min_max(lens) if B else (1, 0)  # one host read: P sizes h
         if shortest == 0:
             raise ValueError("Pi0Policy: an observation has no valid prefix token (all cameras and tokens masked)")
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :P]  # valid first, in order
@@ -920,7 +920,7 @@ class Pi0Policy(nn.Module):
                 raise ValueError(f"Pi0Policy.chain_logprob: steps is on {steps.device} but the policy is on "
                                  f"{self.device}")
             if value_checks_enabled(self.device) and BN:
-                lo, hi = torch.stack([steps.min(), steps.max()]).tolist()  # one host read
+                lo, hi = host_min_max(steps)
                 if lo < 0 or hi >= K:
                     raise ValueError(f"Pi0Policy.chain_logprob: steps must lie in [0, K={K}), got [{lo}, {hi}]")
             x = chain[torch.arange(BN, device=self.device), steps.long()]  # (BN, H, D)
