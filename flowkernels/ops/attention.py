@@ -378,10 +378,13 @@ def _triton_ok(device: torch.device) -> bool:
 
 
 def _prefix_attention_flash(q, k, v, prefix_k, prefix_v, valid, suffix_mask, group_size, scale):
-    """flash-attn path (full prefix, no suffix mask): prefix part, suffix part, merged by lse.
+    """flash-attn path (full prefix, no suffix mask): prefix part and suffix part merged by lse.
 
-    flash_attn_func takes one K/V per row, so the prefix is expanded per row here (a copy for
-    group_size > 1); the triton backend is the one that reads it once per observation.
+    The prefix part reads the prefix once per observation without a copy: the ``N`` rows of a
+    group are consecutive, so ``q`` viewed as ``(B, N·S, Hq, d)`` is one query sequence over
+    ``prefix_k[b]``. flash-attn's autograd drops the gradient of its log-sum-exp, which the
+    merge weights depend on, so the backward is not flash-attn's: it recomputes the attention
+    with the grouped torch path (exact, autograd), see :class:`_FlashCascade`.
     """
     from flash_attn import flash_attn_func
 
@@ -389,10 +392,41 @@ def _prefix_attention_flash(q, k, v, prefix_k, prefix_v, valid, suffix_mask, gro
         raise NotImplementedError("prefix_attention: backend 'cuda' (flash-attn) takes no suffix_mask; use 'triton'")
     if valid is not None and not bool(valid.all()):
         raise NotImplementedError("prefix_attention: backend 'cuda' (flash-attn) takes a full prefix; use 'triton'")
-    BN = q.shape[0]
-    pk = prefix_k.repeat_interleave(group_size, 0) if group_size > 1 else prefix_k
-    pv = prefix_v.repeat_interleave(group_size, 0) if group_size > 1 else prefix_v
-    o1, l1, _ = flash_attn_func(q, pk, pv, softmax_scale=scale, return_attn_probs=True)
-    o2, l2, _ = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
-    out, lse = merge_attention_states(o1, l1.transpose(1, 2).float(), o2, l2.transpose(1, 2).float())
-    return out.reshape(BN, *out.shape[1:]), lse
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"prefix_attention: backend 'cuda' (flash-attn) takes float16 or bfloat16, got {q.dtype}")
+    if q.numel() == 0 or prefix_k.shape[1] == 0 or q.shape[-1] == 0:
+        return _prefix_attention_grouped(q, k, v, prefix_k, prefix_v, None, None, group_size, scale)
+    return _FlashCascade.apply(q, k, v, prefix_k, prefix_v, group_size, scale, flash_attn_func)
+
+
+class _FlashCascade(torch.autograd.Function):
+    """Forward: two flash-attn calls merged by lse; backward: the grouped torch path recomputed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, group_size, scale, flash_fn):  # type: ignore[override]
+        BN, S, Hq, d = q.shape
+        B = prefix_k.shape[0]
+        # (B·N, S, Hq, d) -> (B, N·S, Hq, d): a view, every row of a group against one prefix
+        o1, l1, _ = flash_fn(q.reshape(B, group_size * S, Hq, d), prefix_k, prefix_v, softmax_scale=scale,
+                             return_attn_probs=True)
+        o1 = o1.reshape(BN, S, Hq, d)
+        l1 = l1.float().transpose(1, 2).reshape(BN, S, Hq)  # (B, Hq, N·S) -> (B·N, S, Hq)
+        o2, l2, _ = flash_fn(q, k, v, softmax_scale=scale, return_attn_probs=True)
+        out, lse = merge_attention_states(o1, l1, o2, l2.float().transpose(1, 2))
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v)
+        ctx.group_size, ctx.scale = group_size, scale
+        return out.contiguous(), lse.contiguous()
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:5])]
+        with torch.enable_grad():
+            out, lse = _prefix_attention_grouped(*inputs, None, None, ctx.group_size, ctx.scale)
+            outs, grads_out = [out], [dout]
+            if dlse is not None:
+                outs.append(lse)
+                grads_out.append(dlse)
+            wanted = [t for t in inputs if t.requires_grad]
+            got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True) if wanted else ())
+        grads = [next(got) if t.requires_grad else None for t in inputs]
+        return (*grads, None, None, None)
