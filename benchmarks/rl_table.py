@@ -67,6 +67,16 @@ def weights_digest(checkpoint: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def host_kind() -> str:
+    """What, besides the code and the seed, decides a CPU run's weights bit for bit: the CPU's
+    vector capability and the intra-op thread count (float reductions split differently). Runs of
+    one commit and seed on the same kind give identical weights; on another kind they can differ
+    in the last bits while evaluating identically."""
+    import torch
+
+    return f"{torch.backends.cpu.get_cpu_capability()} x{torch.get_num_threads()} threads"
+
+
 def _init_from(overrides: list[str]) -> str | None:
     inits = [o.split("=", 1)[1] for o in overrides if o.startswith("model.init_from=")]
     return inits[-1] if inits else None
@@ -117,7 +127,7 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
     from bench_ops import _commit  # type: ignore[import-not-found]
 
     r = {"before": float(m.group(1)), "after": float(m.group(2)), "env_steps": steps, "wall_s": wall,
-         "commit": _commit()}
+         "commit": _commit(), "host": host_kind()}
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         r["weights"] = weights_digest(ckpt)
@@ -206,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         wall = sum(r["wall_s"] for rs in runs.values() for r in rs)
         sft_w = [r.get("weights", "not recorded") for r in runs.get("sft", [])]
+        hosts = sorted({r["host"] for r in runs.get("sft", []) if "host" in r})
         reused = [f"{n} ({', '.join(sorted({r.get('commit', 'commit not recorded') for r in rs}))})"
                   for n, rs in runs.items() if any(r.get("reused") for r in rs)]
         head = (f"\n### Built-in task: success after SFT and after RL ({time.strftime('%Y-%m-%d')}, commit "
@@ -215,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"evaluation episodes; the task of flowrl/configs/reach_*.yaml"
                 + (f"; rows reused from earlier runs in {args.work_dir} (`--reuse`; the commit they ran at): "
                    f"{', '.join(reused)}" if reused else "")
-                + (f"; SFT checkpoints (`weights_digest`, per seed): {', '.join(sft_w)}" if sft_w else "") + "\n\n")
+                + (f"; SFT checkpoints (`weights_digest`, per seed): {', '.join(sft_w)}" if sft_w else "")
+                + (f" (trained on {', '.join(hosts)}; the digest depends on it, see `host_kind`)" if hosts else "")
+                + "\n\n")
         with open(args.out, "a") as f:
             f.write(head + table + "\n")
     if args.json:

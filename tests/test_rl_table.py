@@ -62,3 +62,15 @@ def test_reuse_checks_the_recorded_weights(tmp_path):
     assert rt.run("fpo", "fpo", [f"model.init_from={ckpt}"], tmp_path, log=False, reuse=True)["reused"]
     with pytest.raises(RuntimeError, match="started from weights"):
         rt.run("fpo", "fpo", [f"model.init_from={other}"], tmp_path, log=False, reuse=True)
+
+
+def test_host_kind_names_what_decides_the_bits():
+    rt = _load()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rt.host_kind()
+    finally:
+        torch.set_num_threads(n)
+    assert one == f"{torch.backends.cpu.get_cpu_capability()} x1 threads"
+    assert rt.host_kind().endswith(f"x{n} threads")
