@@ -110,14 +110,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     Raises:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
         BackendUnavailableError: a backend named explicitly cannot run here.
+        TypeError: ``triton`` named (or set by ``FLOWKERNELS_BACKEND``) for float64 inputs.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    env_picked = False
     if backend == "auto":
         env = os.environ.get("FLOWKERNELS_BACKEND", "auto").strip().lower() or "auto"
         if env not in BACKENDS:
             raise ValueError(f"FLOWKERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
-        backend = env
+        backend, env_picked = env, env != "auto"
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         if dtype == torch.float64:
@@ -129,6 +131,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     why = _why_unavailable(backend, device)
     if why:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable: {why}")
+    if backend == "triton" and dtype == torch.float64:
+        how = "FLOWKERNELS_BACKEND=triton" if env_picked else "backend='triton'"
+        raise TypeError(f"{how}: the Triton kernels take float32, bfloat16 or float16 tensors, got float64 "
+                        "(the 'cpu', 'cuda' and 'torch' backends take float64)")
     return backend
 
 

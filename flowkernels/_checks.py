@@ -58,7 +58,8 @@ def nvtx_range(name: str) -> Iterator[None]:
 
 
 def fmt_shape(shape: Sequence[int | str]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    """A shape as Python writes a tuple: ``(2, 3)``, ``(2,)``, ``()``."""
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def check_tensor(
@@ -118,11 +119,12 @@ def _mask(
         return torch.ones(1, L, dtype=torch.float32, device=device)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor of shape ({dim_name}={L},) or (B={B}, {dim_name}={L})")
+    given = mask.shape
     if mask.dim() == 1:
         mask = mask[None]
     if mask.dim() != 2 or mask.shape[1] != L or mask.shape[0] not in (1, B):
         raise ValueError(
-            f"{op}: {name} must have shape ({dim_name}={L},) or (B={B}, {dim_name}={L}), got {fmt_shape(mask.shape)}"
+            f"{op}: {name} must have shape ({dim_name}={L},) or (B={B}, {dim_name}={L}), got {fmt_shape(given)}"
         )
     if mask.dtype not in (torch.bool, torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32,
                           torch.int64, torch.uint8):
@@ -198,14 +200,26 @@ def check_int(op: str, name: str, value: object, lo: int, hi: int, hi_text: str)
     return value
 
 
+def as_float(op: str, name: str, value: object, what: str) -> float:
+    """A real scalar (int, float, NumPy scalar, one-element tensor: a host read) as a Python float.
+
+    Bools, strings and anything else are a TypeError naming ``name`` and ``what`` it must be.
+    """
+    bad = isinstance(value, (str, bytes, bool)) or type(value).__name__ == "bool_"
+    if isinstance(value, torch.Tensor):
+        bad = value.numel() != 1 or value.dtype == torch.bool or value.is_complex()
+    if not bad:
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    got = f"a tensor of shape {fmt_shape(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise TypeError(f"{op}: {name} must be {what}, got {got}")
+
+
 def check_noise_level(op: str, noise_level: object) -> float:
     """The Flow-SDE noise level as a finite Python float ``>= 0``."""
-    if isinstance(noise_level, (str, bytes)):
-        raise TypeError(f"{op}: noise_level must be a float >= 0, got {type(noise_level).__name__}")
-    try:
-        noise_level = float(noise_level)  # int, float, numpy and 0-dim tensor scalars
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{op}: noise_level must be a float >= 0, got {type(noise_level).__name__}") from None
+    noise_level = as_float(op, "noise_level", noise_level, "a float >= 0")
     if not (math.isfinite(noise_level) and noise_level >= 0):
         raise ValueError(f"{op}: noise_level must be finite and >= 0, got {noise_level}")
     return noise_level

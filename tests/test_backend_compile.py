@@ -29,6 +29,37 @@ def test_auto_resolution_and_env_override(monkeypatch):
         resolve_backend("auto", cpu)
 
 
+def test_env_override_triton_and_float64(monkeypatch):
+    """FLOWKERNELS_BACKEND=triton is taken as naming triton: float64 is a TypeError that says so
+    (it came from inside the Triton launcher without the op's name), and prefix_attention honours
+    it on CPU too (it used to run the torch path whatever the variable said)."""
+    from flowkernels.ops import triton_attention
+    from flowkernels.ops.attention import _resolve
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FLOWKERNELS_BACKEND", "triton")
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"FLOWKERNELS_BACKEND=triton: the Triton kernels take float32, bfloat16"):
+        fk.flow_step(x, x, 0.5, 0.1, "ode")
+    with pytest.raises(TypeError, match=r"backend='triton': the Triton kernels take"):
+        fk.flow_step(x, x, 0.5, 0.1, "ode", backend="triton")
+    assert _resolve("auto", cpu, torch.float32) == "triton"
+    calls = []
+    real = triton_attention.prefix_attention_triton
+    monkeypatch.setattr(triton_attention, "prefix_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8)
+    pk, pv = torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8)
+    out = fk.prefix_attention(q, k, v, pk, pv, group_size=2)
+    assert calls == [1]
+    torch.testing.assert_close(out, fk.prefix_attention(q, k, v, pk, pv, group_size=2, backend="torch"),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="FLOWKERNELS_BACKEND=triton"):
+        fk.prefix_attention(q.double(), k.double(), v.double(), pk.double(), pv.double(), group_size=2)
+    for env, want in (("torch", "torch"), ("cpu", "torch"), ("auto", "torch")):
+        monkeypatch.setenv("FLOWKERNELS_BACKEND", env)
+        assert _resolve("auto", cpu, torch.float32) == want
+
+
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(fk.BackendUnavailableError, match="TRITON_INTERPRET"):

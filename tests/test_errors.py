@@ -28,7 +28,7 @@ FLOW_STEP_CASES = {
     "t-negative-tensor": (dict(t=torch.tensor([0.5, -0.1, 0.5])), ValueError, "t must lie in"),
     "t-shape": (dict(t=torch.rand(B + 1)), ValueError, "t must have shape"),
     "dt-zero": (dict(dt=0.0), ValueError, "dt must be > 0"),
-    "dt-above-t-sde": (dict(mode="sde", t=0.05, dt=0.1), ValueError, "t must lie in"),
+    "dt-above-t-sde": (dict(mode="sde", t=0.05, dt=0.1), ValueError, r"sde needs dt <= t \(got t=0.05, dt=0.1\)"),
     "sde-t-zero": (dict(mode="sde", t=0.0), ValueError, "t must lie in"),
     "std-missing": (dict(mode="noise"), ValueError, "needs std"),
     "std-nonpositive": (dict(mode="noise", std=torch.zeros(B, H, D)), ValueError, "std must be > 0"),

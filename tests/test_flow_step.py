@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import ALL_BACKENDS, assert_error_rule, floor_for, make_masks
@@ -158,3 +159,47 @@ def test_generator_reproducible(backend, device):
     a = fk.flow_step(x, v, 0.5, 0.1, "sde", generator=torch.Generator().manual_seed(3), backend=backend)
     b = fk.flow_step(x, v, 0.5, 0.1, "sde", generator=torch.Generator().manual_seed(3), backend=backend)
     assert torch.equal(a.x_next, b.x_next)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dt", [1e-8, 1e-7, 1e-3, 0.1])
+def test_sde_first_step_std_is_the_noise_level_for_any_dt(backend, device, dt):
+    """At t = 1, σ·√dt = a·sqrt(1/(1 − t*))·√dt with 1 − t* = dt: exactly a. Computed as
+    1 − (1 − dt) in float32 it was inf for dt = 1e-8 (NaN x_next) and 8 % low for dt = 1e-7."""
+    x = torch.randn(2, 3, 4, device=device)
+    v = torch.randn(2, 3, 4, device=device)
+    res = fk.flow_step(x, v, 1.0, dt, "sde", noise_level=0.5, seed=1, backend=backend)
+    torch.testing.assert_close(res.std, torch.full_like(res.std, 0.5), rtol=1e-6, atol=0)
+    assert torch.isfinite(res.x_next).all() and torch.isfinite(res.logp).all()
+    if dt < 1e-3:  # a float32 t_grid cannot hold 1 − dt apart from 1 then
+        return
+    # the chain log-prob's SDE transition uses the same coefficients
+    steps = fk.chain_logprob(torch.stack([x, res.x_next], 1), v[:, None], torch.tensor([1.0, 1.0 - dt], device=device),
+                             "sde", noise_level=0.5, include_initial=False, backend=backend)
+    torch.testing.assert_close(steps, res.logp, rtol=1e-5, atol=1e-4)
+
+
+def test_scalar_arguments_accept_what_a_denoising_loop_passes():
+    x, v = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
+    grid = torch.linspace(1, 0, 5)
+    ref = fk.flow_step(x, v, float(grid[1]), float(grid[1] - grid[2]), "sde", seed=3)
+    for t, dt in [(grid[1], grid[1] - grid[2]), (np.float32(grid[1]), np.float64(grid[1] - grid[2])),
+                  (grid[1].expand(3), (grid[1] - grid[2]).reshape(1))]:
+        got = fk.flow_step(x, v, t, dt, "sde", seed=3)
+        assert torch.equal(got.x_next, ref.x_next) and torch.equal(got.logp, ref.logp)
+    with pytest.raises(TypeError, match="dt must be a float > 0, got bool"):
+        fk.flow_step(x, v, 0.5, True, "ode")
+    with pytest.raises(TypeError, match=r"dt must be a float > 0, got a tensor of shape \(2,\)"):
+        fk.flow_step(x, v, 0.5, torch.tensor([0.1, 0.1]), "ode")
+    with pytest.raises(TypeError, match="t must be a float or a"):
+        fk.flow_step(x, v, "0.5", 0.1, "ode")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fk.flow_step(x, v, 0.5, 0.1, ["sde"])
+    with pytest.raises(ValueError, match=r"sde needs dt <= t \(got t=0.2, dt=0.5\)"):
+        fk.flow_step(x, v, 0.2, 0.5, "sde", seed=0)
+    with pytest.raises(ValueError, match=r"sde needs dt <= t \(got a t of 0.2"):
+        fk.flow_step(x, v, torch.tensor([1.0, 0.2, 0.6]), 0.5, "sde", seed=0)
+    with pytest.raises(ValueError, match=r"t must lie in \[0.0, 1.0\], got nan"):
+        fk.flow_step(x, v, torch.tensor([1.0, float("nan"), 0.6]), 0.5, "ode")
+    with pytest.raises(ValueError, match=r"dim_mask must have shape \(D=2,\) or \(B=3, D=2\), got \(5,\)"):
+        fk.flow_step(x, v, 0.5, 0.1, "ode", dim_mask=torch.ones(5))

@@ -194,8 +194,8 @@ template <typename acc_t>
 SdeCoef<acc_t> sde_coefficients(acc_t t, acc_t dt, acc_t a) {
   const acc_t one = 1;
   const acc_t tn = t - dt;
-  const acc_t t_star = (t == one) ? one - dt : t;
-  const acc_t sigma = a * std::sqrt(t / (one - t_star));
+  const acc_t one_minus_t_star = (t == one) ? dt : one - t;  // 1 − (1 − dt) = dt, exactly
+  const acc_t sigma = a * std::sqrt(t / one_minus_t_star);
   const acc_t k = sigma * sigma * dt / (acc_t(2) * t);
   SdeCoef<acc_t> c;
   c.c_x = one - k;

@@ -197,13 +197,14 @@ __device__ __forceinline__ A block_reduce_sum(A value) {
 
 // Flow-SDE coefficients, evaluated in the reference's operation order:
 // tn = t − dt; t* = (t == 1) ? 1 − dt : t; σ = a·sqrt(t / (1 − t*)); k = σ²·dt / (2t);
+// 1 − t* is taken as dt at t = 1 (exact; 1 − (1 − dt) loses dt's digits, and all of them for dt < 2⁻²⁴).
 // c_x = 1 − k; c_v = −(1 − tn)·t + (tn − k)·(1 − t); s = σ·sqrt(dt).
 template <typename A>
 __device__ __forceinline__ void sde_coefficients(A t, A dt, A a, A& c_x, A& c_v, A& s) {
   const A one = 1;
   const A tn = op_sub(t, dt);
-  const A t_star = t == one ? op_sub(one, dt) : t;
-  const A sigma = op_mul(a, op_sqrt(op_div(t, op_sub(one, t_star))));
+  const A one_minus_t_star = t == one ? dt : op_sub(one, t);
+  const A sigma = op_mul(a, op_sqrt(op_div(t, one_minus_t_star)));
   const A k = op_div(op_mul(op_mul(sigma, sigma), dt), op_mul(A(2), t));
   c_x = op_sub(one, k);
   c_v = op_add(op_mul(-op_sub(one, tn), t), op_mul(op_sub(tn, k), op_sub(one, t)));

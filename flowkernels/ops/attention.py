@@ -348,7 +348,8 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.floa
     """Backends of this op: cpu and torch are the grouped torch path; cuda is flash-attn.
 
     ``auto`` on CUDA picks triton, except for float64 inputs (the Triton kernels take float32,
-    bfloat16 and float16), which go to the grouped torch path.
+    bfloat16 and float16), which go to the grouped torch path; ``FLOWKERNELS_BACKEND`` is honoured
+    (see the comment below).
     """
     if backend == "cuda":
         if device.type != "cuda":
@@ -362,9 +363,14 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.floa
             raise BackendUnavailableError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
         return "cpu"
     if backend == "auto":
-        name = resolve_backend("auto", device)
+        # FLOWKERNELS_BACKEND applies as for the flow ops: triton -> triton (CPU: the interpreter;
+        # float64 a TypeError), cpu / torch -> the torch path, cuda -> as auto (the compiled extension
+        # has no attention kernel; flash-attn is only ever chosen by name)
+        name = resolve_backend("auto", device, dtype)
+        if name == "triton":
+            return "triton"
         if device.type == "cuda":
-            ok = name in ("cuda", "triton") and dtype != torch.float64 and _triton_ok(device)
+            ok = name == "cuda" and dtype != torch.float64 and _triton_ok(device)
             return "triton" if ok else "torch"
         return "torch"
     return resolve_backend(backend, device)

@@ -136,7 +136,7 @@ def _check_pairs(op: str, actions: torch.Tensor, noise: torch.Tensor, tau: torch
 def cfm_loss(
     actions: torch.Tensor,
     noise: torch.Tensor,
-    tau: torch.Tensor,
+    tau: torch.Tensor | None,
     v_pred: torch.Tensor,
     *,
     dim_mask: torch.Tensor | None = None,
@@ -152,7 +152,8 @@ def cfm_loss(
         actions: ``(B, H, D)`` action chunks ``A``.
         noise: ``(B, N, H, D)`` noise ``ε`` of the N pairs per chunk.
         tau: ``(B, N)`` times ``τ`` in ``[0, 1]`` of the pairs (the model saw ``x_τ``; the loss
-            itself does not depend on ``τ`` beyond ``v_pred``; checked for shape and range).
+            itself does not depend on ``τ`` beyond ``v_pred``; checked for shape and range when
+            given, None skips the check).
         v_pred: ``(B, N, H, D)`` predicted velocities ``v(x_τ, τ)``.
         dim_mask: ``(D,)`` / ``(B, D)``; step_mask: ``(H,)`` / ``(B, H)``.
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.

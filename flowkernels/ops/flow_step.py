@@ -19,6 +19,7 @@ import torch
 
 from flowkernels._backend import backend_module, resolve_backend
 from flowkernels._checks import (
+    as_float,
     check_int,
     check_noise_level,
     check_positive,
@@ -28,6 +29,7 @@ from flowkernels._checks import (
     normalize_masks,
     nvtx_range,
     prepare_contiguous,
+    value_checks_enabled,
 )
 from flowkernels.ops.reference import MODES, sde_coefficients
 
@@ -111,8 +113,10 @@ def flow_step(
 
     Args:
         x: ``(B, H, D)`` current state ``x_t``; v: ``(B, H, D)`` velocity ``v(x_t, t)``.
-        t: float or ``(B,)`` current time(s) in ``[0, 1]`` (``(0, 1]`` for sde).
-        dt: step size, ``> 0`` (``≤ t`` for sde).
+        t: float, ``(B,)`` tensor, or 0-dim tensor (one time for every row): current time(s) in
+            ``[0, 1]`` (``(0, 1]`` for sde). Used as float32 on every path (docs/kernels.md).
+        dt: step size ``> 0`` (``≤ t`` for sde): a float, NumPy scalar or one-element tensor (read
+            on the host once).
         mode: ``"ode" | "sde" | "noise"``.
         noise: ``(B, H, D)`` standard-normal ``ε`` (sde / noise modes only; an error with ode);
             if None it is drawn inside the kernel from
@@ -129,7 +133,7 @@ def flow_step(
         :class:`FlowStepResult` ``(x_next, mean, std, logp)``.
     """
     op = "flow_step"
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {tuple(MODES)}, got {mode!r}")
     m = MODES[mode]
     check_tensor(op, "x", x, (None, None, None), ("B", "H", "D"))
@@ -148,25 +152,29 @@ def flow_step(
         check_positive(op, "std", std)
     elif std is not None:
         raise ValueError(f"{op}: std is only used by mode 'noise' (mode is {mode!r})")
-    if not isinstance(dt, (int, float)) or isinstance(dt, bool):
-        raise TypeError(f"{op}: dt must be a Python float, got {type(dt).__name__}")
-    dt = float(dt)
+    dt = as_float(op, "dt", dt, "a float > 0")  # a 0-dim tensor (t_grid[k] - t_grid[k + 1]) is read once
     if not (math.isfinite(dt) and dt > 0):
         raise ValueError(f"{op}: dt must be > 0 and finite, got {dt}")
     noise_level = check_noise_level(op, noise_level)
-    t_lo = dt - 1e-6 if m == 1 else 0.0
+    t_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    if isinstance(t, torch.Tensor) and t.dim() == 0:  # one time for every row (e.g. t_grid[k])
+        check_tensor(op, "t", t, (), (), dtypes=t_dtypes, device=dev)
+        t = t.expand(B)
     if isinstance(t, torch.Tensor):
-        check_tensor(op, "t", t, (B,), ("B",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                     device=dev)
+        check_tensor(op, "t", t, (B,), ("B",), dtypes=t_dtypes, device=dev)
         t_vec = t.to(torch.float32).contiguous()
-        check_range(op, "t", t_vec, max(t_lo, 0.0), 1.0, lo_open=m == 1)
+        if value_checks_enabled(dev) and B > 0:  # one host read: min and max (NaN propagates)
+            lo_t, hi_t = torch.stack(torch.aminmax(t_vec)).tolist()
+            for val in (lo_t, hi_t):
+                check_range(op, "t", val, 0.0, 1.0, lo_open=m == 1)
+            if m == 1 and lo_t < dt - 1e-6:
+                raise ValueError(f"{op}: sde needs dt <= t (got a t of {lo_t}, dt={dt})")
     else:
-        if not isinstance(t, (int, float)) or isinstance(t, bool):
-            raise TypeError(f"{op}: t must be a float or a (B,) tensor, got {type(t).__name__}")
-        check_range(op, "t", float(t), max(t_lo, 0.0), 1.0, lo_open=m == 1)
-        t_vec = torch.full((B,), float(t), dtype=torch.float32, device=dev)
-    if m == 1 and not isinstance(t, torch.Tensor) and float(t) < dt - 1e-6:
-        raise ValueError(f"{op}: sde needs dt <= t (got t={t}, dt={dt})")
+        t = as_float(op, "t", t, "a float or a (B,) tensor")
+        check_range(op, "t", t, 0.0, 1.0, lo_open=m == 1)
+        if m == 1 and t < dt - 1e-6:
+            raise ValueError(f"{op}: sde needs dt <= t (got t={t}, dt={dt})")
+        t_vec = torch.full((B,), t, dtype=torch.float32, device=dev)
     sm, dm = normalize_masks(op, dim_mask, step_mask, B, H, D, dev)
     # seed / offset are checked whenever given (also where unused: ode, or noise given), so a
     # call is accepted or refused the same way on every backend

@@ -76,8 +76,10 @@ def sde_coefficients(
     """
     dt = torch.as_tensor(dt, dtype=t.dtype, device=t.device)
     tn = t - dt
-    t_star = torch.where(t == 1.0, 1.0 - dt, t)
-    sigma = noise_level * torch.sqrt(t / (1.0 - t_star))
+    # 1 − t* is dt at t = 1, taken as dt itself: 1 − (1 − dt) would lose dt's digits (all of them
+    # in float32 for dt < 2⁻²⁴, giving σ = inf)
+    one_minus_t_star = torch.where(t == 1.0, dt, 1.0 - t)
+    sigma = noise_level * torch.sqrt(t / one_minus_t_star)
     k = sigma * sigma * dt / (2.0 * t)
     c_x = 1.0 - k
     c_v = -(1.0 - tn) * t + (tn - k) * (1.0 - t)

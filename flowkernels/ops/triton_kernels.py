@@ -123,8 +123,8 @@ def _cast_out(y, dtype: tl.constexpr):
 def _sde_coefficients(t, dt, noise_level):
     """Flow-SDE transition scalars ``(c_x, c_v, s)`` for time ``t`` and step ``dt`` (fp32)."""
     tn = t - dt
-    t_star = tl.where(t == 1.0, 1.0 - dt, t)
-    sigma = noise_level * tl.sqrt_rn(t / (1.0 - t_star))
+    one_minus_t_star = tl.where(t == 1.0, dt, 1.0 - t)  # 1 − (1 − dt) = dt, exactly
+    sigma = noise_level * tl.sqrt_rn(t / one_minus_t_star)
     k = sigma * sigma * dt / (2.0 * t)
     c_x = 1.0 - k
     c_v = -(1.0 - tn) * t + (tn - k) * (1.0 - t)
