@@ -9,7 +9,7 @@ Ops (each takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``):
 * :func:`prefix_attention`, :func:`merge_attention_states` — attention of action tokens over a
   shared, cached VLM prefix (read once per observation, never copied).
 
-Conventions (t = 1 is noise, t = 0 the action) follow the project's DESIGN notes; the kernel
+Conventions (t = 1 is noise, t = 0 the action) follow docs/design.md (DESIGN §1); the kernel
 ABI is in docs/kernels.md.
 """
 

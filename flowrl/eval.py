@@ -1,8 +1,12 @@
 """Success rate of a policy over N episodes, with a Wilson 95% confidence interval.
 
-    python -m flowrl.eval --checkpoint runs/default/checkpoints/iter_000020 --episodes 200
-    python -m flowrl.eval --checkpoint runs/libero/checkpoints/iter_000100 [--suite libero_spatial] \\
+    python -m flowrl.eval --checkpoint runs/default --episodes 200     # the run's latest checkpoint
+    python -m flowrl.eval --checkpoint runs/default/checkpoints/iter_000019 --episodes 200
+    python -m flowrl.eval --checkpoint runs/pi0_libero_spatial_fpo [--suite libero_spatial] \\
         [--task-ids 0,1] [--init-states 50] [--videos 3 --video-dir videos] [--json result.json]
+
+``--checkpoint`` is a trainer checkpoint (``<run_dir>/checkpoints/iter_N``), a run directory or
+its ``checkpoints/`` folder (then the checkpoint ``latest`` points at), or a policy directory.
 
 The env is rebuilt from the run's ``train_config.json`` (beside the checkpoint or one level up).
 On LIBERO (the run's ``env.name == libero``, or ``--suite``) every (task, init state) pair runs
@@ -145,6 +149,24 @@ def load_vla_fpo_noise(ckpt: Any, policy: Any, cfg: Any, env: Any = None) -> Any
     return algo.eval_noise  # type: ignore[attr-defined]
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """``path`` itself, or for a run directory (or its ``checkpoints/`` folder) the checkpoint its
+    ``latest`` pointer names; a missing directory exits with a message naming it."""
+    from flowrl.checkpoint import latest_checkpoint
+
+    if not path.is_dir():
+        raise SystemExit(f"flowrl.eval: checkpoint directory {path} does not exist")
+    if (path / "checkpoints" / "latest").is_file():
+        run_dir = path
+    elif path.name == "checkpoints" and (path / "latest").is_file():
+        run_dir = path.parent
+    else:
+        return path
+    ck = latest_checkpoint(run_dir)  # FileNotFoundError naming the pointer if it dangles
+    print(f"flowrl.eval: {path} -> its latest checkpoint {ck}", flush=True)
+    return ck  # type: ignore[return-value]
+
+
 def run_config(checkpoint: Path) -> tuple[Any, dict[str, Any] | None]:
     """The run's ``TrainConfig`` (its env and algorithm settings; defaults elsewhere) from the
     ``train_config.json`` beside ``checkpoint`` or one level up, and that file's dict (``None``, with a
@@ -186,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="a trainer checkpoint directory (iter_N/) or a policy directory (safetensors + config)")
+                   help="a trainer checkpoint directory (iter_N/), a run directory or its checkpoints/ (its latest "
+                        "checkpoint), or a policy directory (safetensors + config)")
     p.add_argument("--episodes", type=int, default=100, help="reaching task: episodes")
     p.add_argument("--num-envs", type=int, default=None, help="parallel envs (default: 32 reach, 8 LIBERO)")
     p.add_argument("--seed", type=int, default=12345)
@@ -207,9 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--flip", choices=("vertical", "rotate180"), default=None, help="default: the run's")
     args = p.parse_args(argv)
     _check_cli_args(args)
-    ck = Path(args.checkpoint)
-    if not ck.is_dir():
-        raise SystemExit(f"flowrl.eval: checkpoint directory {ck} does not exist")
+    ck = resolve_checkpoint(Path(args.checkpoint))
     cfg, saved = run_config(ck)
     libero = args.suite is not None or cfg.env.name == "libero"
     if not libero:  # LIBERO-only options on a reach run would be silently ignored

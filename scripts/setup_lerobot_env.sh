@@ -7,7 +7,7 @@
 #   LEROBOT_PYTHON=...              a Python >= 3.12 (default: pyenv's 3.12.1, else python3.12)
 #   FRESH=1                         delete and recreate the venv
 #
-# Recipe (measured, see /work/shared/FACTS.md): Python 3.12, torch==2.11.0 + torchvision==0.26.0
+# Recipe (measured on our CPU machines): Python 3.12, torch==2.11.0 + torchvision==0.26.0
 # from PyPI (a CUDA build, ~2 GB; it runs on CPU too), then lerobot[pi]==0.6.1 (which pulls
 # transformers 5.4-5.5). The venv is ~5 GB. Idempotent: exits at once when the venv already
 # imports lerobot's π0 / π0.5 policies at the expected versions and flowkernels (editable, this checkout,

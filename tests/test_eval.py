@@ -477,3 +477,16 @@ def test_noise_sensitivity_best_of_part_of_the_noise(vla_fpo_checkpoint, vary):
     table = main([str(vla_fpo_checkpoint), "--scales", "1", "--best-of", "2", "--best-of-vary", "all", vary,
                   "--episodes", "4", "--num-envs", "4"])
     assert f"({vary} dims redrawn)" in table and table.splitlines()[2].count("|") == 6
+
+
+def test_cli_takes_a_run_directory_for_its_latest_checkpoint(vla_fpo_checkpoint, tmp_path):
+    from flowrl.eval import main, resolve_checkpoint
+
+    ck = vla_fpo_checkpoint
+    run_dir = ck.parent.parent
+    assert resolve_checkpoint(run_dir) == ck and resolve_checkpoint(run_dir / "checkpoints") == ck
+    assert resolve_checkpoint(ck) == ck
+    args = ["--episodes", "4", "--num-envs", "2", "--seed", "1"]
+    assert main(["--checkpoint", str(run_dir), *args]) == main(["--checkpoint", str(ck), *args])
+    with pytest.raises(SystemExit, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nothing")

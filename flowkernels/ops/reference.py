@@ -1,6 +1,6 @@
 """Readable plain-torch references of the fused flow ops.
 
-These are the test oracle and the ``torch`` backend at once. They follow ../DESIGN §1:
+These are the test oracle and the ``torch`` backend at once. They follow DESIGN §1 (docs/design.md):
 ``t = 1`` is noise, ``t = 0`` the action; ``x_t = t·ε + (1 − t)·A``; target ``u = ε − A``.
 
 Every function here works on *normalized* arguments (the kernel ABI, see docs/kernels.md):

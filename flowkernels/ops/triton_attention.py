@@ -32,8 +32,9 @@ the saved ``lse``, ``dS = P·(dP − δ)`` (the ``−dlse`` term makes ``lse`` d
 Inputs are float32, bfloat16 or float16 (float64 raises ``TypeError``); the last dim of every
 tensor must have stride 1 (copied otherwise), other strides are free, so a prefix sliced out
 of a larger cache is read in place. Under the Triton interpreter ``tl.dot`` runs on fp32
-operands (bf16 ``tl.dot`` is wrong there, see FACTS.md); compiled, fp32 inputs use IEEE fp32
-dots and bf16/fp16 inputs their native tensor-core dots with ``P`` rounded to the input dtype.
+operands (bf16 ``tl.dot`` gives wrong results in the interpreter of the Triton versions we
+run); compiled, fp32 inputs use IEEE fp32 dots and bf16/fp16 inputs their native tensor-core
+dots with ``P`` rounded to the input dtype.
 """
 
 from __future__ import annotations
