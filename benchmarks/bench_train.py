@@ -238,13 +238,14 @@ def bench_pipeline(env_label: str, algo_name: str, model: str, overrides: list[s
 
 # ---------------------------------------------------------------------------------------- output
 def markdown(rows: list[dict], pipe_rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "Rollout: samples (one per env and chunk) and executed env steps per second of `algo.rollout` "
-             "(SFT / ARFM: collecting the expert demonstrations, done once per run). Update: samples per second "
-             "through loss → backward → clip → AdamW step. Medians over the repetitions.", "",
-             "| algorithm | model | envs | rollout samples | rollout ms | rollout samples/s | env steps/s "
-             "| update steps | update samples | update ms | update samples/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header]
+    if rows:  # (--algos '' runs only the pipelined rows)
+        lines += ["", "Rollout: samples (one per env and chunk) and executed env steps per second of `algo.rollout` "
+                  "(SFT / ARFM: collecting the expert demonstrations, done once per run). Update: samples per second "
+                  "through loss → backward → clip → AdamW step. Medians over the repetitions.", "",
+                  "| algorithm | model | envs | rollout samples | rollout ms | rollout samples/s | env steps/s "
+                  "| update steps | update samples | update ms | update samples/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['algo']} | {r['model']} | {r['num_envs']} | {r['rollout_samples']:.0f} | "
                      f"{r['rollout_ms']:.1f} | {r['rollout_sps']:.1f} | {r['env_steps_ps']:.1f} | "

@@ -1,6 +1,6 @@
 """LIBERO evaluation as the public evaluations do it: every (task, init state) pair run once.
 
-    python -m flowrl.eval --checkpoint runs/x/checkpoints/iter_000100 --suite libero_spatial \\
+    python -m flowrl.eval --checkpoint runs/x --suite libero_spatial \\
         --videos 3 --video-dir videos --json result.json
 
 Each task of a suite has 50 fixed init states; :func:`evaluate_libero` runs each chosen

@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     # float32). VLA-FPO's frozen π0 is not in the engine: its Gemma weights go to bf16 (lerobot's rule).
     if ds_config["bf16"]["enabled"] and module is not policy:
         policy.set_precision(torch.bfloat16)
-    start_iter, history = 0, []
+    start_iter, history, evals = 0, [], {}
     obs = env.reset(seed=cfg.seed * 1000 + rank)
     if ckpt is not None:
         engine.load_checkpoint(str(ckpt), tag="ds")
@@ -300,6 +300,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             sft_algo.load_state_dict(st["sft_algo"])
         torch.set_rng_state(st["torch_rng"])
         start_iter, history = st["iteration"] + 1, st["history"]
+        evals = st.get("evals", {})  # the evaluations before (and after SFT) of the first run
         obs = env.observe() if hasattr(env, "observe") else env.reset()
         log(f"[flowrl] resumed from {ckpt} at iteration {start_iter}")
 
@@ -321,7 +322,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
         return build_env(cfg, rank, dev, for_eval=True)
 
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = dict(evals)
     if cfg.eval_episodes and start_iter == 0:
         policy.eval()
         result["eval_before"] = evaluate(policy, eval_env(), cfg.eval_episodes, cfg.seed + 77,
@@ -396,7 +397,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         bar.update(1)
         last = it == total - 1
         if cfg.checkpoint_every and ((it + 1) % cfg.checkpoint_every == 0 or last):
-            save_checkpoint(engine, policy, env, main_algo, sft_algo, cfg, it, history, rank)
+            save_checkpoint(engine, policy, env, main_algo, sft_algo, cfg, it, history, rank,
+                            evals={k: v for k, v in result.items() if k.startswith("eval_")})
     bar.close()
     if cfg.eval_episodes:
         policy.eval()
@@ -420,8 +422,11 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
 
 
 def save_checkpoint(engine: Any, policy: Any, env: Any, algo: Algorithm, sft_algo: Algorithm | None,
-                    cfg: TrainConfig, it: int, history: list, rank: int) -> None:
-    """Write the checkpoint of iteration ``it`` into a staging directory, then publish it atomically."""
+                    cfg: TrainConfig, it: int, history: list, rank: int, evals: dict | None = None) -> None:
+    """Write the checkpoint of iteration ``it`` into a staging directory, then publish it atomically.
+
+    ``evals``: the evaluations so far (``eval_before``, ``eval_after_sft``), restored by ``--resume``
+    so that the resumed run's summary still has them."""
     stage = staging_dir(cfg.run_dir, it)
     if rank == 0:
         import shutil
@@ -435,7 +440,7 @@ def save_checkpoint(engine: Any, policy: Any, env: Any, algo: Algorithm, sft_alg
 
     buf = io.BytesIO()
     state = {"env": env.state_dict(), "algo": algo.state_dict(), "torch_rng": torch.get_rng_state(),
-             "iteration": it, "history": history}
+             "iteration": it, "history": history, "evals": evals or {}}
     if sft_algo is not None:
         state["sft_algo"] = sft_algo.state_dict()
     torch.save(state, buf)

@@ -167,6 +167,18 @@ def test_resume_is_exact(tmp_path):
     assert len(lines) == 4
 
 
+def test_resume_keeps_the_first_runs_evaluations(tmp_path, capsys):
+    """--resume restores the success before training (and after SFT) from the checkpoint: the resumed
+    run printed 'success before nan' and its result had no eval_before."""
+    common = ["algo.name=fpo", "algo.fpo_pairs=2", "checkpoint_every=1", "eval_episodes=8", "seed=3",
+              "sft_iterations=1", "algo.sft_steps=2", "algo.sft_batch=8", "algo.num_demos=4"]
+    first = _run(tmp_path / "r", *common, "iterations=1")
+    resumed = _run(tmp_path / "r", *common, "iterations=2", resume=True)
+    for key in ("eval_before", "eval_after_sft"):
+        assert resumed[key] == first[key], key
+    assert "success before nan" not in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------- 4. SIGKILL mid-run
 def test_sigkill_leaves_a_complete_checkpoint_and_resume_finishes(tmp_path):
     from flowrl.models import from_pretrained

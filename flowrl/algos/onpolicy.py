@@ -111,7 +111,7 @@ class OnPolicy(Algorithm):
             adv = adv[:, None].expand_as(ratio)
         if getattr(self, "spo", False):
             pl = L.spo_policy_loss(ratio, adv, self.clip)
-            pstats = {"clip_frac": ((ratio - 1).abs() > self.clip).float().mean(), "ratio_mean": ratio.mean()}
+            pstats = {"clip_frac": ((ratio - 1).abs() > self.clip).float().mean(), "ratio_mean": ratio.mean().detach()}
         else:
             pl, pstats = L.ppo_policy_loss(ratio, adv, self.clip, self.cfg.dual_clip if self.dual_clip_ok else None)
         loss = pl
