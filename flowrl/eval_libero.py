@@ -183,6 +183,28 @@ def _episode_seed(seed: int, task: int, init: int) -> int:
     return (seed * 1_000_003 + task * 7_919 + init) % (2**31)
 
 
+def _check_tokenizer_fits(policy: Any, tokenizer: Any, env_kwargs: dict[str, Any]) -> None:
+    """The env's token ids must fit the policy: at most ``max_token_len`` of them, ids below ``vocab_size``."""
+    import inspect
+
+    from flowrl.envs.libero import LiberoEnv
+
+    defaults = inspect.signature(LiberoEnv).parameters
+    if tokenizer in ("word", "byte"):
+        length = int(env_kwargs.get("max_token_len", defaults["max_token_len"].default))
+        vocab = 257 if tokenizer == "byte" else int(env_kwargs.get("vocab_size", defaults["vocab_size"].default))
+    else:  # a callable: checked only where it says its sizes
+        length, vocab = getattr(tokenizer, "max_token_len", None), getattr(tokenizer, "vocab_size", None)
+    pcfg = policy.config
+    if length is not None and int(length) > pcfg.max_token_len:
+        raise ValueError(f"tokenizer: the LIBERO env's {tokenizer!r} tokenizer gives {length} tokens per instruction, "
+                         f"above the policy's max_token_len={pcfg.max_token_len} (pass env_kwargs max_token_len, or "
+                         "a policy built for the env: the trainer builds tiny/small policies with the env's sizes)")
+    if vocab is not None and int(vocab) > pcfg.vocab_size:
+        raise ValueError(f"tokenizer: the LIBERO env's {tokenizer!r} tokenizer has a vocabulary of {vocab}, above the "
+                         f"policy's vocab_size={pcfg.vocab_size}")
+
+
 def _make_env(suite: str, task_ids: list[int], num_envs: int, **kw: Any) -> Any:
     from flowrl.envs.libero import LiberoEnv
 
@@ -348,6 +370,8 @@ def evaluate_libero(
         raise ValueError(f"image_size: {image_size} differs from the policy's image_size {pcfg.image_size}")
     if chunk_steps > pcfg.action_horizon:
         raise ValueError(f"chunk_steps: {chunk_steps} > the policy's action_horizon {pcfg.action_horizon}")
+    if env_factory is None:  # LiberoEnv's tokenizer against the policy, before any worker starts
+        _check_tokenizer_fits(policy, tokenizer, env_kwargs or {})
     out_dir: Path | None = None
     if video_dir is not None and num_videos:
         _ffmpeg()  # fail before any episode runs

@@ -152,6 +152,8 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
         problems.append(f"env chunk_steps {env.chunk_steps} > policy action_horizon {pc.action_horizon}")
     if env.vocab_size > pc.vocab_size:
         problems.append(f"env vocabulary {env.vocab_size} > policy vocab_size {pc.vocab_size}")
+    if env.max_token_len > pc.max_token_len:
+        problems.append(f"env instructions of {env.max_token_len} tokens > policy max_token_len {pc.max_token_len}")
     if env.image_size != pc.image_size or env.num_cameras != pc.num_cameras:
         problems.append(f"env images {env.num_cameras}x{env.image_size}² != policy {pc.num_cameras}x{pc.image_size}²")
     if problems:

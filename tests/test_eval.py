@@ -490,3 +490,20 @@ def test_cli_takes_a_run_directory_for_its_latest_checkpoint(vla_fpo_checkpoint,
     assert main(["--checkpoint", str(run_dir), *args]) == main(["--checkpoint", str(ck), *args])
     with pytest.raises(SystemExit, match="does not exist"):
         resolve_checkpoint(tmp_path / "nothing")
+
+
+def test_tokenizer_that_does_not_fit_the_policy_fails_before_any_worker_starts(monkeypatch):
+    """LiberoEnv's word tokenizer pads to 32 tokens: a policy with max_token_len 8 used to fail only after
+    its workers had started (~15 s), in the first sample_actions."""
+    import flowrl.eval_libero as el
+
+    def no_env(*a, **k):
+        raise AssertionError("an env was built before the tokenizer check")
+
+    monkeypatch.setattr(el, "_make_env", no_env)
+    with pytest.raises(ValueError, match=r"tokenizer: .* 32 tokens per instruction, above the policy.s max_token_len"):
+        evaluate_libero(_tiny_policy(), "libero_spatial", [0], 1, chunk_steps=4)
+    with pytest.raises(ValueError, match=r"vocabulary of 4096, above the policy's vocab_size=64"):
+        evaluate_libero(_tiny_policy(), "libero_spatial", [0], 1, chunk_steps=4, env_kwargs={"max_token_len": 8})
+    with pytest.raises(ValueError, match="above the policy's max_token_len=8"):
+        evaluate_libero(_tiny_policy(), "libero_spatial", [0], 1, chunk_steps=4, tokenizer="byte")

@@ -308,7 +308,8 @@ def test_bad_config_in_process_raises(tmp_path, case):
 @pytest.mark.parametrize("over, msg", [
     (["model.overrides.action_dim=1"], "env action_dim 2 > policy action_dim 1"),
     (["model.overrides.max_state_dim=4"], "env state_dim 8 > policy max_state_dim 4"),
-], ids=["action_dim", "max_state_dim"])
+    (["model.overrides.max_token_len=4"], "env instructions of 8 tokens > policy max_token_len 4"),
+], ids=["action_dim", "max_state_dim", "max_token_len"])
 def test_env_policy_mismatch_is_a_config_error(tmp_path, over, msg):
     with pytest.raises(ConfigError, match="env/policy dimension mismatch") as ei:
         _run(tmp_path / "run", "iterations=1", *over)
