@@ -479,8 +479,12 @@ def _wandb_run(cfg: TrainConfig, run_dir: Path) -> Any:
     else:
         run_id = secrets.token_hex(4)
         write_atomic(id_file, run_id.encode())
-    return wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb, id=run_id, resume="allow",
-                      name=run_dir.name, config=_asdict(cfg))
+    try:
+        return wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb, id=run_id, resume="allow",
+                          name=run_dir.name, config=_asdict(cfg))
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as e:
+        raise ConfigError(f"wandb={cfg.wandb}: W&B did not start ({type(e).__name__}: {e}); log in (`wandb login` "
+                          "or WANDB_API_KEY), or use wandb=offline (`wandb sync` uploads later) or wandb=off") from e
 
 
 def _asdict(cfg: TrainConfig) -> dict[str, Any]:

@@ -569,3 +569,15 @@ def test_init_from_takes_the_runs_model_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.num_value_heads"):
         build_policy(cfg, env)
     env.close()
+
+
+def test_wandb_online_without_a_key_is_a_config_error(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is optional (pip install -e .[wandb])")
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ANONYMOUS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no stored key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(ConfigError, match=r"wandb=online: W&B did not start .*wandb=offline"):
+        _run(tmp_path / "run", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "eval_episodes=0",
+             "wandb=online")
