@@ -575,7 +575,7 @@ def test_wandb_online_without_a_key_is_a_config_error(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is optional (pip install -e .[wandb])")
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ANONYMOUS"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no stored key
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))  # no stored key (HOME kept: DeepSpeed's op cache)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     with pytest.raises(ConfigError, match=r"wandb=online: W&B did not start .*wandb=offline"):
