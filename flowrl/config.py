@@ -268,6 +268,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for name in ("clip", "fpo_clip", "fpo_clamp", "vla_beta", "vla_eta"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"algo.{name} must be > 0, got {getattr(a, name)}")
+    if a.dual_clip is not None and not a.dual_clip > 1:
+        raise ConfigError(f"algo.dual_clip must be > 1 (PPO's lower bound dual_clip·Â for negative advantages), "
+                          f"got {a.dual_clip}")
     for name in ("gamma", "lam", "vla_tau"):
         if not 0.0 <= getattr(a, name) <= 1.0:
             raise ConfigError(f"algo.{name} must be in [0, 1], got {getattr(a, name)}")

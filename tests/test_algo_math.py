@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from flowrl.algos import losses as L
@@ -195,3 +196,41 @@ def test_value_clip_is_per_head_and_gae_uses_the_ensemble_min():
     assert heads.shape == (len(batch), 2)  # the tiny config's two value heads
     assert not torch.equal(heads[:, 0], heads[:, 1])  # two different heads
     torch.testing.assert_close(batch.data["ret"] - batch.data["adv"], heads.amin(dim=1))
+
+
+def test_loss_functions_refuse_or_promote_what_would_be_silently_wrong():
+    """Found by a fuzzing pass: each case below gave a wrong number or a crash without naming the input."""
+    from flowrl.algos import losses as L
+
+    # ARFM's alpha: large returns overflowed math.exp (σ_R ≳ 1880); NaN and empty input climbed to the
+    # top of the bracket
+    assert L.arfm_alpha(torch.tensor([1900.0, -1900.0]), torch.tensor([0.5, 0.7])) == 0.01
+    with pytest.raises(ValueError, match="must be finite"):
+        L.arfm_alpha(torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0.3, float("nan"), 0.4]))
+    with pytest.raises(ValueError, match="1-D of one length"):
+        L.arfm_alpha(torch.zeros(0), torch.zeros(0))
+    with pytest.raises(ValueError, match="1-D of one length"):
+        L.arfm_alpha(torch.zeros(3), torch.zeros(4))
+    # integer rewards were truncated by GAE (int advantages)
+    adv, _ = L.gae(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1), torch.zeros(3, 1), torch.ones(1))
+    want, _ = L.gae(torch.ones(3, 1), torch.zeros(3, 1), torch.zeros(3, 1), torch.ones(1))
+    assert adv.is_floating_point() and torch.allclose(adv, want)
+    # bool success flags and int returns as GRPO returns; bad group sizes named
+    flags = torch.tensor([True, False, True, True])
+    assert torch.allclose(L.grpo_advantages(flags, 2), L.grpo_advantages(flags.float(), 2))
+    for g in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+            L.grpo_advantages(torch.zeros(4), g)
+    assert torch.allclose(L.leave_one_out(torch.tensor([1, 0, 2])), L.leave_one_out(torch.tensor([1.0, 0.0, 2.0])))
+    assert L.arfm_weights(torch.tensor([1, 0]), 1.0).is_floating_point()
+    # shapes that broadcast into a different objective
+    with pytest.raises(ValueError, match=r"ratio, adv must have one shape .* ratio \(4,\), adv \(4, 1\)"):
+        L.ppo_policy_loss(torch.ones(4), torch.ones(4, 1))
+    with pytest.raises(ValueError, match="one shape"):
+        L.spo_policy_loss(torch.ones(4), torch.ones(4, 1))
+    with pytest.raises(ValueError, match="one shape"):
+        L.value_loss(torch.ones(4, 2), torch.ones(4, 2), torch.ones(4))
+    with pytest.raises(ValueError, match="dual_clip > 1"):
+        L.ppo_policy_loss(torch.ones(4), torch.ones(4), 0.2, 0.5)
+    with pytest.raises(ValueError, match="clip must be > 0"):
+        L.spo_policy_loss(torch.ones(4), torch.ones(4), 0.0)

@@ -320,6 +320,8 @@ def test_env_policy_mismatch_is_a_config_error(tmp_path, over, msg):
 def test_load_config_checks_before_work():
     with pytest.raises(ConfigError, match="expected a bool"):
         load_config(None, ["plot=maybe"])
+    with pytest.raises(ConfigError, match=r"algo.dual_clip must be > 1"):
+        load_config(None, ["algo.dual_clip=0.5"])
     with pytest.raises(ConfigError, match="must be divisible"):
         load_config(None, ["algo.name=grpo", "env.num_envs=8", "algo.group_size=3"])
     load_config(None, ["algo.name=grpo", "env.num_envs=8", "algo.group_size=4"])

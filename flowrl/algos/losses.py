@@ -23,6 +23,18 @@ __all__ = [
 ]
 
 
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """Bool / integer tensors (success flags, integer rewards) as float32; floating ones as they are."""
+    return x if x.is_floating_point() else x.float()
+
+
+def _same_shape(op: str, **tensors: torch.Tensor) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{op}: {', '.join(shapes)} must have one shape (no broadcasting), got "
+                         + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -47,6 +59,7 @@ def gae(
     if last_value.shape != rewards.shape[1:]:
         raise ValueError(f"gae: last_value must have shape (B,) = ({rewards.shape[1]},), got {tuple(last_value.shape)}")
     T = rewards.shape[0]
+    rewards, values, last_value = _float(rewards), _float(values), _float(last_value)  # integer rewards: no truncation
     adv = torch.zeros_like(rewards)
     running = torch.zeros_like(last_value)
     next_value = last_value
@@ -66,6 +79,9 @@ def grpo_advantages(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -
         returns: ``(G·n,)`` episode returns, ``group_size`` consecutive entries per group (rollouts
             from the same initial state).
     """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"grpo_advantages: group_size must be an int >= 1, got {group_size!r}")
+    returns = _float(returns)  # success flags (bool) or integer returns
     if returns.dim() != 1 or returns.numel() % group_size != 0:
         raise ValueError(f"grpo_advantages: returns must be 1-D with a length divisible by group_size={group_size}, "
                          f"got shape {tuple(returns.shape)}")
@@ -76,6 +92,7 @@ def grpo_advantages(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -
 
 def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``(x − mean)/(std + eps)`` over all elements."""
+    x = _float(x)
     if x.numel() < 2:
         return x - x.mean()
     return (x - x.mean()) / (x.std(unbiased=False) + eps)
@@ -91,6 +108,10 @@ def ppo_policy_loss(
     Returns:
         the loss (scalar) and statistics: ``clip_frac``, ``ratio_mean``.
     """
+    _same_shape("ppo_policy_loss", ratio=ratio, adv=adv)
+    if not clip > 0 or (dual_clip is not None and not dual_clip > 1):
+        raise ValueError(f"ppo_policy_loss: needs clip > 0 and dual_clip > 1 (or None), got clip={clip}, "
+                         f"dual_clip={dual_clip}")
     s1 = ratio * adv
     s2 = ratio.clamp(1 - clip, 1 + clip) * adv
     obj = torch.minimum(s1, s2)
@@ -105,6 +126,9 @@ def ppo_policy_loss(
 
 def spo_policy_loss(ratio: torch.Tensor, adv: torch.Tensor, clip: float = 0.05) -> torch.Tensor:
     """The SPO form ``−mean(ρ·Â − |Â|/(2ε)·(ρ − 1)²)`` (FPO++'s option for negative advantages)."""
+    _same_shape("spo_policy_loss", ratio=ratio, adv=adv)
+    if not clip > 0:
+        raise ValueError(f"spo_policy_loss: clip must be > 0, got {clip}")
     return -(ratio * adv - adv.abs() / (2 * clip) * (ratio - 1) ** 2).mean()
 
 
@@ -112,6 +136,7 @@ def value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None = 0.2, delta: float = 1.0
 ) -> torch.Tensor:
     """Huber value loss with PPO's value clipping: ``max(huber(v − R), huber(v_clip − R))``."""
+    _same_shape("value_loss", values=values, old_values=old_values, returns=returns)
     l1 = torch.nn.functional.huber_loss(values, returns, reduction="none", delta=delta)
     if clip is None:
         return l1.mean()
@@ -130,6 +155,7 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 def leave_one_out(r: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """ARFM's ``R*_k = R_k − mean_{i≠k} R_i`` within each group (task); ``(n,)`` → ``(n,)``."""
+    r = _float(r)
     if groups is None:
         groups = torch.zeros_like(r, dtype=torch.int64)
     out = torch.zeros_like(r)
@@ -153,6 +179,11 @@ def arfm_alpha(
     ``tol``); a root outside the bracket gives its nearest end. ``α = √x/σ_R``. The flow losses
     are per-sample means over the chunk's masked elements (their scale sets α).
     """
+    if r_star.dim() != 1 or losses.shape != r_star.shape or r_star.numel() == 0:
+        raise ValueError(f"arfm_alpha: r_star and losses must be 1-D of one length n >= 1, got "
+                         f"{tuple(r_star.shape)} and {tuple(losses.shape)}")
+    if not (bool(torch.isfinite(r_star).all()) and bool(torch.isfinite(losses).all())):
+        raise ValueError("arfm_alpha: r_star and losses must be finite (a NaN made the bisection climb to its top)")
     sigma_r = float(torch.sqrt((r_star.double() ** 2).mean()))
     var_l = float(losses.double().var(unbiased=False))
     if sigma_r == 0.0 or var_l == 0.0:
@@ -160,11 +191,13 @@ def arfm_alpha(
     rhs = lam * sigma_r / var_l
 
     def f(x: float) -> float:
+        if x > 300.0:  # e^{2x} beyond float range: the left side is far above any rhs
+            return math.inf
         s = math.sqrt(x)
         return 4 * s * math.exp(2 * x) - 2 * s * math.exp(x) - rhs
 
     # bisection on α (x = α²σ_R² is increasing in α, and f in x): 20 halvings of [lo, hi]
-    a_lo, a_hi = lo, min(hi, math.sqrt(50.0) / sigma_r)  # exp overflow guard
+    a_lo, a_hi = lo, hi
     if f((a_lo * sigma_r) ** 2) >= 0:
         return a_lo
     if f((a_hi * sigma_r) ** 2) <= 0:
@@ -182,4 +215,4 @@ def arfm_alpha(
 
 def arfm_weights(r_star: torch.Tensor, alpha: float) -> torch.Tensor:
     """``w = softmax(α·R*)`` over the batch (sums to 1); ``α = 0`` gives uniform weights (SFT)."""
-    return torch.softmax(alpha * r_star.double(), dim=0).to(r_star.dtype)
+    return torch.softmax(alpha * r_star.double(), dim=0).to(_float(r_star).dtype)
