@@ -193,12 +193,17 @@ def test_from_pretrained_damaged_directories(policy, tmp_path):
         (d / "config.json").write_text(text)
         with pytest.raises(ValueError, match=msg):
             from_pretrained(str(d))
-    # a size field lost from config.json: the default (π0's width) does not fit the weights, and
-    # the error says which field was missing, not only 20 shape mismatches
-    (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads(cfg_text).items() if k != "vlm_width"}))
-    with pytest.raises(CheckpointKeyError, match=r"config\.json lacks vlm_width: PolicyConfig's defaults"):
-        from_pretrained(str(d))
-    assert from_pretrained(str(d), vlm_width=policy.config.vlm_width).config == policy.config
+    # a field lost from config.json: π0's full-size default would load another policy; the error names
+    # the field, whether the weights pin it (vlm_width) or not (action_horizon, num_cameras, max_token_len)
+    for lost in ("vlm_width", "action_horizon", "num_cameras", "max_token_len"):
+        (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads(cfg_text).items() if k != lost}))
+        with pytest.raises(CheckpointKeyError, match=rf"config\.json lacks {lost}: PolicyConfig's defaults are"):
+            from_pretrained(str(d))
+        assert from_pretrained(str(d), **{lost: getattr(policy.config, lost)}).config == policy.config
+    # a field added to the format later takes its default
+    (d / "config.json").write_text(json.dumps({k: v for k, v in json.loads(cfg_text).items()
+                                               if k != "activation_checkpointing"}))
+    assert from_pretrained(str(d)).config == policy.config
     (d / "config.json").write_text(cfg_text)
     good = (d / "model.safetensors").read_bytes()
     for data in (b"", good[:5000], b"x" * 100):

@@ -324,6 +324,24 @@ def test_chain_logprob_matches_rollout(policy, mode):
     p.zero_grad(set_to_none=True)
 
 
+def test_chain_logprob_noise_at_one_step_is_that_transitions_term(policy):
+    """Flow-Noise's single transition at k* (``steps`` with mode noise) used to fail: the noise head's
+    std for k* alone was refused by the op, which takes std for all K steps."""
+    p = policy
+    obs = make_obs(p, B=2)
+    N, K = 2, 4
+    with torch.no_grad():
+        r = p.sample_actions(obs, mode="noise", num_steps=K, group_size=N, generator=torch.Generator().manual_seed(1))
+    steps = torch.tensor([0, 3, 1, 2])
+    terms = p.chain_logprob(obs, r.chain, "noise", group_size=N, reduce="none", include_initial=False)  # (BN, K)
+    one = p.chain_logprob(obs, r.chain, "noise", group_size=N, steps=steps, include_initial=False)
+    want = terms[torch.arange(2 * N), steps]
+    assert torch.allclose(one, want, rtol=1e-5, atol=1e-3), (one - want).abs().max()
+    one.sum().backward()
+    assert p.noise_head.fc2.weight.grad is not None and p.noise_head.fc2.weight.grad.abs().sum() > 0
+    p.zero_grad(set_to_none=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # (4) weights
 
@@ -342,6 +360,24 @@ def test_save_load_roundtrip(policy, tmp_path):
     obs = make_obs(p)
     noise = torch.randn(3, 50, 32)
     assert torch.equal(p.sample_actions(obs, noise=noise, num_steps=2).actions,
+                       q.eval().sample_actions(obs, noise=noise, num_steps=2).actions)
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "set_precision_bf16"])
+def test_save_load_roundtrip_keeps_every_tensors_dtype(policy, tmp_path, cast):
+    """A model cast with .to(bfloat16) came back with 75 float32 tensors (values equal, actions ~1e-2 apart)."""
+    import copy
+
+    p = copy.deepcopy(policy)
+    p = p.to(torch.bfloat16) if cast == "to_bf16" else p.set_precision(torch.bfloat16)
+    p.save_pretrained(tmp_path / "ckpt")
+    q = Pi0Policy.from_pretrained(tmp_path / "ckpt")
+    sa, sb = p.state_dict(), q.state_dict()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    obs = make_obs(p)
+    noise = torch.randn(3, 50, 32)
+    assert torch.equal(p.eval().sample_actions(obs, noise=noise, num_steps=2).actions,
                        q.eval().sample_actions(obs, noise=noise, num_steps=2).actions)
 
 

@@ -926,7 +926,9 @@ class Pi0Policy(nn.Module):
             x = chain[torch.arange(BN, device=self.device), steps.long()]  # (BN, H, D)
             feats = self.suffix_features(cache, x, self._select_time(tc, steps.long()), N, self.suffix_rope(cache, N))
             v = self.velocity(feats)[:, None]
-            std = self.noise_head(feats)[:, None] if mode == "noise" else None
+            # the op takes std for all K steps and reads only k*'s (the others get zero gradient, so the
+            # expand's backward hands k*'s gradient back unchanged)
+            std = self.noise_head(feats)[:, None].expand(-1, K, -1, -1) if mode == "noise" else None
         else:
             x = chain[:, :K].reshape(BN * K, *chain.shape[2:])  # rows (b, n, k): N·K rows per observation
             k_idx = torch.arange(K, device=self.device).repeat(BN)

@@ -73,6 +73,11 @@ IGNORED_KEYS = (
 NEW_PREFIXES = ("noise_head.", "value_vlm.", "value_expert.")
 
 
+#: PolicyConfig fields added after the first flowrl checkpoints: a config.json without them takes
+#: their defaults (any other absent field is an error, see from_pretrained)
+LATER_CONFIG_FIELDS = ("activation_checkpointing",)
+
+
 class CheckpointKeyError(KeyError):
     """Unmatched / missing checkpoint keys; ``unexpected`` and ``missing`` list them."""
 
@@ -248,9 +253,15 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
                 raise ValueError(f"from_pretrained: {d / 'config.json'}: {e}") from e
             absent = [f.name for f in dataclasses.fields(PolicyConfig)
                       if f.name not in meta and f.name not in overrides]
-            if absent:  # defaults fill them (older files); say so if the weights then do not fit
-                hint = (f"{d / 'config.json'} lacks {', '.join(absent)}: PolicyConfig's defaults were used for "
-                        f"{'them' if len(absent) > 1 else 'it'} (restore the field(s) or pass them as overrides)")
+            if [f for f in absent if f not in LATER_CONFIG_FIELDS]:
+                # π0's full-size default for a field the weights' shapes do not pin (action_horizon,
+                # num_cameras, max_token_len, ...) would load a different policy without a word
+                raise CheckpointKeyError(str(d), [], [], [], (
+                    f"{d / 'config.json'} lacks {', '.join(absent)}: PolicyConfig's defaults are π0's full size, "
+                    "not this checkpoint's; restore the field(s) or pass them as overrides "
+                    "(from_pretrained(dir, field=value))"))
+            if absent:  # fields added to the format later: their defaults are what older files meant
+                hint = (f"{d / 'config.json'} lacks {', '.join(absent)}: PolicyConfig's defaults were used")
         cfg = config.replace(**overrides) if overrides else config
         sd, unmatched, fmt = raw, [], "flowrl"
     else:
@@ -279,9 +290,17 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
                     for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if shape_errors or (strict and (missing or unexpected)):
         raise CheckpointKeyError(str(d), unexpected, missing, shape_errors, hint)
+    # a flowrl file keeps every tensor's saved dtype (a model cast with .to(bfloat16) round-trips
+    # exactly, not only set_precision's); converted lerobot/openpi weights take the policy's dtypes
+    by_name = {**dict(policy.named_parameters()), **dict(policy.named_buffers())} if fmt == "flowrl" else {}
     with torch.no_grad():
         for k, v in sd.items():
-            if k in own:
+            if k not in own:
+                continue
+            t = by_name.get(k)
+            if t is not None and v.dtype != t.dtype and v.is_floating_point() and t.is_floating_point():
+                t.data = v.to(t.device).clone()
+            else:
                 own[k].copy_(v.to(own[k].dtype))
     policy.load_format = fmt  # type: ignore[attr-defined]
     return policy
