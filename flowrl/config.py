@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ class AlgoConfig:
     gamma: float = 0.99
     lam: float = 0.95
     clip: float = 0.2
-    dual_clip: float = 3.0
+    dual_clip: float | None = 3.0
     value_clip: float = 0.2
     max_grad_norm: float = 1.0
     critic_side: str = "auto"  # auto (π0: expert, π0.5: vlm, as π_RL) | expert | vlm
@@ -154,6 +155,12 @@ _BOOL_SPELLINGS: dict[str, dict[bool, str]] = {"wandb": {False: "off"}}
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # `float | None`: null disables
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -183,9 +190,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):  # YAML reads `false`/`off`/`no` as a bool: keep the spelling
             spelled = _BOOL_SPELLINGS.get(key, {}).get(value)
             return spelled if spelled is not None else "true" if value else "false"
-        if not isinstance(value, str | int | float):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        if isinstance(value, int | float):  # YAML read it as a number: 0755 -> 493, 1.10 -> 1.1, 12:30 -> 750
+            raise ConfigError(f"{key}: expected a string, got the number {value!r} (YAML reads unquoted digits as a "
+                              "number and may change them: quote the value)")
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} (quote the value)")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.strip("[]").split(",") if v.strip()]
@@ -224,8 +234,26 @@ def _set(obj: Any, dotted: str, value: Any, full: str) -> None:
     setattr(obj, head, _coerce(value, hints[head], full))
 
 
+_YAML_BOOLS = ("true", "false", "yes", "no", "on", "off")
+
+
+def _field_type(obj: Any, dotted: str) -> Any:
+    """The type hint of config key ``dotted`` (None for free-form mapping entries or unknown keys)."""
+    head, _, rest = dotted.partition(".")
+    hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+    if head not in hints:
+        return None
+    if rest:
+        return _field_type(getattr(obj, head), rest)
+    return hints[head]
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
-    """Apply ``["algo.lr=1e-4", ...]`` or a (nested) mapping onto ``cfg`` in place."""
+    """Apply ``["algo.lr=1e-4", ...]`` or a (nested) mapping onto ``cfg`` in place.
+
+    A command-line value is read as YAML (numbers, bools, lists, mappings), except for string
+    keys, which take the text as it is (``run_dir=010`` stays ``"010"``, not YAML's octal 8).
+    """
     if isinstance(overrides, dict):
         for k, v in overrides.items():
             _set(cfg, k, v, k)
@@ -236,8 +264,41 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> 
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, _, raw = item.partition("=")
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw else "", key.strip())
+        key = key.strip()
+        if not raw or (_field_type(cfg, key) is str and raw.strip().lower() not in _YAML_BOOLS):
+            value: Any = raw.strip()  # (a bool spelling still goes through YAML: `wandb=false` means off)
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: cannot read the value {raw!r} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0]})") from None
+        _set(cfg, key, value, key)
     return cfg
+
+
+def _yaml_mapping(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: set = set()
+        for k_node, _ in node.value:
+            k = loader.construct_object(k_node, deep=deep)
+            if k in seen:
+                raise ConfigError(f"{where}: key {k!r} appears twice in one mapping (line {k_node.start_mark.line + 1})"
+                                  "; YAML would keep only the last")
+            seen.add(k)
+        return loader.construct_mapping(node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({type(e).__name__}: {e})") from None
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -363,14 +424,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, world_size: int = 1) -> TrainConfig:
     """Read a YAML config (or start from the defaults), apply overrides, validate."""
-    import yaml
 
     cfg = TrainConfig()
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+            raise ConfigError(f"config file {str(p)!r} " + ("is a directory" if p.is_dir() else "does not exist"))
+        data = _yaml_mapping(p.read_text(), f"config file {str(p)!r}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         apply_overrides(cfg, data)

@@ -208,3 +208,21 @@ def test_state_dict_resumes_exactly():
         ra, rb = a.step(x), b.step(x)
         assert torch.equal(ra.obs.images, rb.obs.images) and torch.equal(ra.reward, rb.reward)
         assert ra.obs.instructions == rb.obs.instructions
+
+
+def test_large_seeds_nan_actions_and_graphs_found_by_fuzzing():
+    """A seed above ~2.8e8 (a timestamp; the trainer resets with seed·1000 + rank) overflowed manual_seed;
+    NaN actions passed clamp and poisoned the episode until its time limit; actions that require grad
+    made the env's state part of an ever-growing autograd graph."""
+    for seed in (300_000_000, 2**31 - 1, 1_764_000_000_000, -5):
+        ReachEnv(2).reset(seed=seed)
+    assert torch.equal(ReachEnv(3).reset(seed=7).state, ReachEnv(3).reset(seed=7).state)
+    e = ReachEnv(4, chunk_steps=5, max_episode_steps=10)
+    e.reset(seed=0)
+    bad = torch.zeros(4, 5, 2)
+    bad[2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"actions hold NaN \(rows \[2\]\)"):
+        e.step(bad)
+    e.step(torch.full((4, 5, 2), float("inf")))  # ±inf is clamped like any large action
+    a = torch.zeros(4, 5, 2, requires_grad=True)
+    assert not e.step(a * 2).obs.state.requires_grad

@@ -293,3 +293,28 @@ def test_eval_cli_bad_arguments(tmp_path, monkeypatch, argv, msg):
     with pytest.raises(ValueError) as ei:
         main(["--checkpoint", str(tmp_path / "pol"), *argv])
     assert msg in str(ei.value)
+
+
+def test_config_values_are_read_as_written(tmp_path):
+    """Found by fuzzing: string keys went through YAML (run_dir=010 became "8", 12:30 became "750"),
+    duplicate YAML keys dropped a whole section silently, YAML syntax errors escaped as raw PyYAML
+    exceptions, and algo.dual_clip could not be disabled."""
+    cfg = load_config(None, ["run_dir=010", "wandb_project=12:30", "algo.dual_clip=null", "wandb=false"])
+    assert (cfg.run_dir, cfg.wandb_project, cfg.algo.dual_clip, cfg.wandb) == ("010", "12:30", None, "off")
+    with pytest.raises(ConfigError, match=r"env.task_ids: cannot read the value '\[1, 2'"):
+        load_config(None, ["env.task_ids=[1, 2"])
+    p = tmp_path / "c.yaml"
+    p.write_text("algo:\n  lr: 0.1\nalgo:\n  epochs: 7\n")
+    with pytest.raises(ConfigError, match=r"key 'algo' appears twice .*line 3"):
+        load_config(p)
+    p.write_text("run_dir: 0755\n")
+    with pytest.raises(ConfigError, match=r"run_dir: expected a string, got the number 493 .*quote the value"):
+        load_config(p)
+    p.write_text("run_dir: '0755'\nalgo: {lr: 1e-3, dual_clip: null}\n")
+    cfg = load_config(p)
+    assert (cfg.run_dir, cfg.algo.lr, cfg.algo.dual_clip) == ("0755", 1e-3, None)
+    p.write_text("algo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from flowkernels._checks import value_checks_enabled
+
 __all__ = ["ActFn", "ChunkStep", "EnvObs", "VecEnv", "cat_obs", "cat_outputs"]
 
 
@@ -223,7 +225,12 @@ class VecEnv(abc.ABC):
             raise ValueError(f"{type(self).__name__}.step: actions have {A} dims, the env needs {self.action_dim}")
         if not actions.is_floating_point():
             raise TypeError(f"{type(self).__name__}.step: actions must be floating point, got {actions.dtype}")
-        return actions[:, : self.chunk_steps, : self.action_dim].to(self.device, torch.float32)
+        out = actions[:, : self.chunk_steps, : self.action_dim].detach().to(self.device, torch.float32)
+        if value_checks_enabled(out.device) and out.numel() and bool(torch.isnan(out).any()):
+            # (±inf is clamped like any large action; NaN would pass clamp and poison the episode)
+            raise ValueError(f"{type(self).__name__}.step: actions hold NaN (rows "
+                             f"{torch.isnan(out).flatten(1).any(1).nonzero().flatten().tolist()[:8]})")
+        return out
 
     def __enter__(self) -> VecEnv:
         return self

@@ -174,7 +174,9 @@ class ReachEnv(VecEnv):
         T = self.num_targets
         for i in ids.tolist():
             scene = (self.env_offset + i) // self.group_size
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + scene) * 65_537 + int(self.episode[i]))
+            # folded into manual_seed's signed 64-bit range (large seeds, e.g. a timestamp, overflowed it)
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + scene) * 65_537 + int(self.episode[i]))
+                                              % (2**63 - 1))
             for _ in range(100):  # targets apart by at least 3 success radii
                 tg = torch.rand(T, 2, generator=g) * 1.6 - 0.8
                 if T == 1 or torch.pdist(tg).min() > 3 * self.success_radius:
