@@ -185,16 +185,11 @@ def _episode_seed(seed: int, task: int, init: int) -> int:
 
 def _check_tokenizer_fits(policy: Any, tokenizer: Any, env_kwargs: dict[str, Any]) -> None:
     """The env's token ids must fit the policy: at most ``max_token_len`` of them, ids below ``vocab_size``."""
-    import inspect
+    from flowrl.envs.libero import make_tokenizer
 
-    from flowrl.envs.libero import LiberoEnv
-
-    defaults = inspect.signature(LiberoEnv).parameters
-    if tokenizer in ("word", "byte"):
-        length = int(env_kwargs.get("max_token_len", defaults["max_token_len"].default))
-        vocab = 257 if tokenizer == "byte" else int(env_kwargs.get("vocab_size", defaults["vocab_size"].default))
-    else:  # a callable: checked only where it says its sizes
-        length, vocab = getattr(tokenizer, "max_token_len", None), getattr(tokenizer, "vocab_size", None)
+    tok = make_tokenizer(tokenizer, **{k: env_kwargs[k] for k in ("vocab_size", "max_token_len") if k in env_kwargs})
+    # (a callable is checked only where it says its sizes)
+    length, vocab = getattr(tok, "max_token_len", None), getattr(tok, "vocab_size", None)
     pcfg = policy.config
     if length is not None and int(length) > pcfg.max_token_len:
         raise ValueError(f"tokenizer: the LIBERO env's {tokenizer!r} tokenizer gives {length} tokens per instruction, "

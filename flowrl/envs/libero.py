@@ -68,6 +68,7 @@ __all__ = [
     "LiberoUnavailable",
     "WordTokenizer",
     "libero_unavailable_reason",
+    "make_tokenizer",
     "select_gl_backend",
 ]
 
@@ -127,6 +128,22 @@ class ByteTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return _pack([self.ids(t) for t in texts], self.max_token_len, type(self).__name__, texts)
+
+
+#: LiberoEnv's defaults for its built-in tokenizers
+TOKENIZER_VOCAB, TOKENIZER_MAX_LEN = 4096, 32
+
+
+def make_tokenizer(tokenizer: Any, vocab_size: int = TOKENIZER_VOCAB, max_token_len: int = TOKENIZER_MAX_LEN) -> Any:
+    """LiberoEnv's ``tokenizer`` argument as a callable: ``"word"`` / ``"byte"`` build the built-in ones
+    with these sizes, a callable is returned as it is."""
+    if tokenizer == "word":
+        return WordTokenizer(vocab_size, max_token_len)
+    if tokenizer == "byte":
+        return ByteTokenizer(max_token_len)
+    if not callable(tokenizer):
+        raise ValueError(f"LiberoEnv: tokenizer must be 'word', 'byte' or a callable, got {tokenizer!r}")
+    return tokenizer
 
 
 def _pack(ids: list[list[int]], max_len: int, who: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,8 +380,8 @@ class LiberoEnv(VecEnv):
         flip: str = "vertical",
         hard_reset: bool = False,
         tokenizer: str | Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]] = "word",
-        vocab_size: int = 4096,
-        max_token_len: int = 32,
+        vocab_size: int = TOKENIZER_VOCAB,
+        max_token_len: int = TOKENIZER_MAX_LEN,
         seed: int = 0,
         env_offset: int = 0,
         group_size: int = 1,
@@ -421,13 +438,7 @@ class LiberoEnv(VecEnv):
         self.group_size = group_size
         self.step_timeout, self.reset_timeout, self.start_timeout = step_timeout, reset_timeout, start_timeout
         self.max_restarts = max_restarts
-        if tokenizer == "word":
-            tokenizer = WordTokenizer(vocab_size, max_token_len)
-        elif tokenizer == "byte":
-            tokenizer = ByteTokenizer(max_token_len)
-        elif not callable(tokenizer):
-            raise ValueError(f"LiberoEnv: tokenizer must be 'word', 'byte' or a callable, got {tokenizer!r}")
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = make_tokenizer(tokenizer, vocab_size, max_token_len)
         self.vocab_size = int(getattr(tokenizer, "vocab_size", vocab_size))
         self.max_token_len = int(getattr(tokenizer, "max_token_len", max_token_len))
 
