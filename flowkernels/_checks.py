@@ -14,6 +14,7 @@ import math
 import operator
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -174,8 +175,9 @@ def check_range(
             raise ValueError(f"{op}: {name} must lie in {lo_txt}{lo}, {hi}], got {value}")
 
 
-def host_min_max(t: torch.Tensor) -> tuple[int, int]:
-    """``(min, max)`` of a non-empty integer tensor as Python ints, in one host read."""
+def host_min_max(t: torch.Tensor) -> tuple[Any, Any]:
+    """``(min, max)`` of a non-empty tensor in one host read: ints for an integer tensor, floats for a
+    floating one (NaN propagates)."""
     lo, hi = torch.stack(torch.aminmax(t)).tolist()
     return lo, hi
 

@@ -421,6 +421,7 @@ class _FlashCascade(torch.autograd.Function):
         out, lse = merge_attention_states(o1, l1, o2, l2.float().transpose(1, 2))
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v)
         ctx.group_size, ctx.scale = group_size, scale
+        ctx.set_materialize_grads(False)  # an unused output (lse without return_lse) gets no backward work
         return out.contiguous(), lse.contiguous()
 
     @staticmethod
@@ -428,10 +429,8 @@ class _FlashCascade(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:5])]
         with torch.enable_grad():
             out, lse = _prefix_attention_grouped(*inputs, None, None, ctx.group_size, ctx.scale)
-            outs, grads_out = [out], [dout]
-            if dlse is not None:
-                outs.append(lse)
-                grads_out.append(dlse)
+            used = [(o, g) for o, g in ((out, dout), (lse, dlse)) if g is not None]
+            outs, grads_out = [o for o, _ in used], [g for _, g in used]
             wanted = [t for t in inputs if t.requires_grad]
             got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True) if wanted else ())
         grads = [next(got) if t.requires_grad else None for t in inputs]

@@ -26,6 +26,7 @@ from flowkernels._checks import (
     check_range,
     check_same_dtype,
     check_tensor,
+    host_min_max,
     normalize_masks,
     nvtx_range,
     prepare_contiguous,
@@ -164,7 +165,7 @@ def flow_step(
         check_tensor(op, "t", t, (B,), ("B",), dtypes=t_dtypes, device=dev)
         t_vec = t.to(torch.float32).contiguous()
         if value_checks_enabled(dev) and B > 0:  # one host read: min and max (NaN propagates)
-            lo_t, hi_t = torch.stack(torch.aminmax(t_vec)).tolist()
+            lo_t, hi_t = host_min_max(t_vec)
             for val in (lo_t, hi_t):
                 check_range(op, "t", val, 0.0, 1.0, lo_open=m == 1)
             if m == 1 and lo_t < dt - 1e-6:

@@ -299,7 +299,7 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
                 continue
             t = by_name.get(k)
             if t is not None and v.dtype != t.dtype and v.is_floating_point() and t.is_floating_point():
-                t.data = v.to(t.device).clone()
+                t.data = v.to(t.device)  # v is the file's own tensor: no copy needed
             else:
                 own[k].copy_(v.to(own[k].dtype))
     policy.load_format = fmt  # type: ignore[attr-defined]
