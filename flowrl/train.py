@@ -296,7 +296,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     if ckpt is not None:
         engine.load_checkpoint(str(ckpt), tag="ds")
         st = torch.load(ckpt / f"trainer_rank{rank}.pt", weights_only=False)
-        env.load_state_dict(st["env"])
+        try:
+            env.load_state_dict(st["env"])
+        except ValueError as e:  # e.g. the env's settings were changed between the runs
+            raise ConfigError(f"--resume from {ckpt}: {e}") from e
         main_algo.load_state_dict(st["algo"])
         if sft_algo is not None and "sft_algo" in st:
             sft_algo.load_state_dict(st["sft_algo"])

@@ -210,6 +210,20 @@ def test_state_dict_resumes_exactly():
         assert ra.obs.instructions == rb.obs.instructions
 
 
+def test_state_dict_refuses_other_settings():
+    """A state continues only in an env with the same settings: a resume after a config change (time limit,
+    speed, state layout) would otherwise continue its episodes under other rules, silently."""
+    a = ReachEnv(4)
+    a.reset(seed=1)
+    sd = a.state_dict()
+    for kw, name in ((dict(max_episode_steps=60), "max_episode_steps"), (dict(max_speed=0.2), "max_speed"),
+                     (dict(state_with_time=True), "state_with_time"), (dict(group_size=2), "group_size")):
+        with pytest.raises(ValueError, match=name):
+            ReachEnv(4, **kw).load_state_dict(sd)
+    old = {k: v for k, v in sd.items() if k != "settings"}  # a state saved before settings were recorded
+    ReachEnv(4).load_state_dict(old)
+
+
 def test_large_seeds_nan_actions_and_graphs_found_by_fuzzing():
     """A seed above ~2.8e8 (a timestamp; the trainer resets with seed·1000 + rank) overflowed manual_seed;
     NaN actions passed clamp and poisoned the episode until its time limit; actions that require grad

@@ -177,6 +177,9 @@ def test_resume_keeps_the_first_runs_evaluations(tmp_path, capsys):
     for key in ("eval_before", "eval_after_sft"):
         assert resumed[key] == first[key], key
     assert "success before nan" not in capsys.readouterr().out
+    # a resume whose env settings changed would continue the saved episodes under other rules
+    with pytest.raises(ConfigError, match=r"--resume.*max_episode_steps"):
+        _run(tmp_path / "r", *common, "iterations=3", "env.max_episode_steps=55", resume=True)
 
 
 # ---------------------------------------------------------------------------------------- 4. SIGKILL mid-run

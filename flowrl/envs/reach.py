@@ -208,9 +208,20 @@ class ReachEnv(VecEnv):
         self._started = True
         return self.observe()
 
+    def _settings(self) -> dict:
+        """The constructor settings a saved state is only valid for."""
+        return {
+            "num_targets": self.num_targets, "image_size": self.image_size, "chunk_steps": self.chunk_steps,
+            "max_episode_steps": self.max_episode_steps, "success_radius": self.success_radius,
+            "max_speed": self.max_speed, "state_with_targets": self.state_with_targets,
+            "state_with_goal": self.state_with_goal, "state_with_time": self.state_with_time,
+            "group_size": self.group_size, "env_offset": self.env_offset,
+        }
+
     def state_dict(self) -> dict:
         """Everything needed to continue these episodes exactly (for checkpoints)."""
         return {
+            "settings": self._settings(),
             "pos": self.pos.cpu().clone(), "targets": self.targets.cpu().clone(), "goal": self.goal.cpu().clone(),
             "expert_target": self.expert_target.cpu().clone(), "phrase": self.phrase.cpu().clone(),
             "t": self.t.cpu().clone(), "ret": self.ret.cpu().clone(), "episode": self.episode.clone(),
@@ -220,9 +231,22 @@ class ReachEnv(VecEnv):
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        """Continue the episodes saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state was saved by an env with other settings (batch, targets, time
+                limit, speed, state layout, …): its episodes would continue under other rules.
+        """
         if sd["pos"].shape != self.pos.shape or sd["targets"].shape != self.targets.shape:
             raise ValueError(f"ReachEnv.load_state_dict: state for {tuple(sd['targets'].shape)} targets does not fit "
                              f"this env {tuple(self.targets.shape)}")
+        saved = sd.get("settings")  # states saved before settings were recorded carry none
+        if saved is not None:
+            mine = self._settings()
+            diff = [f"{k}: saved {saved.get(k)!r}, this env {v!r}" for k, v in mine.items() if saved.get(k) != v]
+            if diff:
+                raise ValueError("ReachEnv.load_state_dict: the state was saved by an env with other settings ("
+                                 + "; ".join(diff) + "); build the env with the saved settings to continue it")
         for k in ("pos", "targets", "goal", "expert_target", "phrase", "t", "ret"):
             setattr(self, k, sd[k].to(self.device).clone())
         self.episode = sd["episode"].clone()
