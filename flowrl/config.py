@@ -301,6 +301,30 @@ def _yaml_mapping(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML ({type(e).__name__}: {e})") from None
 
 
+# PolicyConfig fields the trainer sets from its own settings: an override would disagree with them silently
+_OWNED_POLICY_FIELDS = {
+    "value_heads": "model.num_value_heads", "noise_std_min": "algo.noise_min", "noise_std_max": "algo.noise_max",
+    "num_steps": "algo.num_steps", "activation_checkpointing": "model.activation_checkpointing",
+    "variant": "model.variant", "num_cameras": "the env (its cameras)", "image_size": "the env (its image size)",
+}
+
+
+def _check_model_overrides(overrides: dict[str, Any]) -> None:
+    """``model.overrides`` names PolicyConfig fields the trainer does not set itself (checked before any work;
+    a wrong name failed only when the policy was built)."""
+    import dataclasses
+
+    from flowrl.models.config import PolicyConfig
+
+    known = {f.name for f in dataclasses.fields(PolicyConfig)}
+    for key in overrides:
+        if key in _OWNED_POLICY_FIELDS:
+            raise ConfigError(f"model.overrides.{key}: set by {_OWNED_POLICY_FIELDS[key]}; set it there instead")
+        if key not in known:
+            raise ConfigError(f"model.overrides.{key}: not a PolicyConfig field; known: "
+                              f"{sorted(known - set(_OWNED_POLICY_FIELDS))}")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Cross-field checks that need no model or env."""
     a = cfg.algo
@@ -323,6 +347,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"model.num_value_heads must be >= 1, got {cfg.model.num_value_heads}")
     if cfg.model.variant not in ("pi0", "pi05"):
         raise ConfigError(f"model.variant must be pi0 or pi05, got {cfg.model.variant!r}")
+    _check_model_overrides(cfg.model.overrides)
     for name in ("lr", "sft_lr", "critic_lr", "max_grad_norm", "noise_level", "value_clip", "arfm_lambda"):
         if getattr(a, name) < 0:
             raise ConfigError(f"algo.{name} must be >= 0, got {getattr(a, name)}")

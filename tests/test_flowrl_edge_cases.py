@@ -249,6 +249,11 @@ def test_wandb_off_in_a_yaml_file(tmp_path):
     ("env.num_targets=0", "env.num_targets must be in [1, 4]"),
     ("env.expert_quality=2", "env.expert_quality must be in [0, 1]"),
     ("env.flip=x", "env.flip must be vertical or rotate180"),
+    # model.overrides names were checked only when the policy was built (after the envs had started)
+    ("model.overrides.action_horizn=10", "model.overrides.action_horizn: not a PolicyConfig field"),
+    # fields the trainer sets from its own keys: the override silently disagreed with them
+    ("model.overrides.num_steps=8", "model.overrides.num_steps: set by algo.num_steps"),
+    ("model.overrides.value_heads=3", "model.overrides.value_heads: set by model.num_value_heads"),
 ])
 def test_config_values_are_checked_before_work(over, msg):
     """These passed load_config and then failed inside the env or the first update (a traceback, not
