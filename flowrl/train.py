@@ -455,8 +455,11 @@ def save_checkpoint(engine: Any, policy: Any, env: Any, algo: Algorithm, sft_alg
         if engine.module is not policy and cfg.zero_stage < 3:  # VLA-FPO: the latent actor + critics too
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()},
-                      str(stage / "latent_actor.safetensors"))
+            from flowrl.models.weights import DIGEST_KEY, tensor_digest
+
+            actor = {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}
+            save_file(actor, str(stage / "latent_actor.safetensors"),
+                      metadata={"format": "pt", DIGEST_KEY: tensor_digest(actor)})
         write_atomic(stage / "train_config.json", json.dumps(_asdict(cfg), indent=1).encode())
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

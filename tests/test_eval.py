@@ -286,6 +286,12 @@ def vla_fpo_checkpoint(tmp_path_factory):
           "tensorboard=false"])
     ck = latest_checkpoint(run)
     assert (ck / "latent_actor.safetensors").is_file()
+    from safetensors import safe_open
+
+    from flowrl.models.weights import DIGEST_KEY
+
+    with safe_open(str(ck / "latent_actor.safetensors"), framework="pt") as f:
+        assert DIGEST_KEY in (f.metadata() or {}), "the trainer wrote the latent actor without its digest"
     return ck
 
 
@@ -364,6 +370,30 @@ def test_cli_vla_fpo_without_latent_actor_fails_loudly(vla_fpo_checkpoint, tmp_p
     shutil.copytree(vla_fpo_checkpoint, ck)
     (ck / "latent_actor.safetensors").unlink()
     with pytest.raises(ValueError, match=r"latent_actor\.safetensors"):
+        main(["--checkpoint", str(ck), "--episodes", "2", "--num-envs", "2"])
+
+
+
+def test_cli_vla_fpo_latent_actor_with_changed_bytes_fails_loudly(vla_fpo_checkpoint, tmp_path):
+    """A bit flipped in the latent actor's tensor data loaded as another actor, silently."""
+    import shutil
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    from flowrl.eval import main
+    from flowrl.models.weights import DIGEST_KEY, tensor_digest
+
+    ck = tmp_path / "ck"
+    shutil.copytree(vla_fpo_checkpoint, ck)
+    path = ck / "latent_actor.safetensors"
+    sd = load_file(str(path))  # re-saved with its digest (another test edits the module's checkpoint)
+    save_file(sd, str(path), metadata={"format": "pt", DIGEST_KEY: tensor_digest(sd)})
+    data = bytearray(path.read_bytes())
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    data[header + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"latent_actor\.safetensors: the weights do not match the SHA-256"):
         main(["--checkpoint", str(ck), "--episodes", "2", "--num-envs", "2"])
 
 

@@ -212,6 +212,35 @@ def test_from_pretrained_damaged_directories(policy, tmp_path):
             from_pretrained(str(d))
 
 
+def test_from_pretrained_detects_changed_tensor_bytes(policy, tmp_path):
+    """Bytes changed inside the tensor data (a disk or copy error) passed the safetensors header checks and
+    loaded as other weights, silently; save_pretrained records a SHA-256 digest that loading checks."""
+    import struct
+
+    from safetensors import safe_open
+
+    from flowrl.models.weights import DIGEST_KEY, tensor_digest
+
+    d = tmp_path / "ck"
+    policy.save_pretrained(d)
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()[DIGEST_KEY] == tensor_digest(policy.state_dict())
+    data = bytearray((d / "model.safetensors").read_bytes())
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    data[header + (len(data) - header) // 2] ^= 0x10  # one bit in the middle of the tensor data
+    (d / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors: the weights do not match the SHA-256 digest"):
+        from_pretrained(str(d))
+    q = from_pretrained(str(d), verify=False)  # the escape hatch loads it as it is
+    assert sum(not torch.equal(v, q.state_dict()[k]) for k, v in policy.state_dict().items()) == 1
+    # the digest covers names, dtypes and shapes too, and bf16 weights
+    sd = {k: v.clone() for k, v in policy.state_dict().items()}
+    assert tensor_digest(sd) == tensor_digest({k: sd[k] for k in reversed(list(sd))})
+    k0 = next(k for k, v in sd.items() if v.is_floating_point())
+    assert tensor_digest({**sd, k0: sd[k0].to(torch.bfloat16)}) != tensor_digest(sd)
+    assert tensor_digest({**sd, k0: sd[k0].reshape(1, -1)}) != tensor_digest(sd)
+
+
 # ------------------------------------------------------------------------------------------------ training config
 
 

@@ -5,9 +5,10 @@ from flowrl.models.policy import Observation, Pi0Policy, PrefixCache, SampleResu
 from flowrl.models.weights import CheckpointKeyError
 
 
-def from_pretrained(directory: str, config: PolicyConfig | None = None, strict: bool = True, **overrides) -> Pi0Policy:
+def from_pretrained(directory: str, config: PolicyConfig | None = None, strict: bool = True, verify: bool = True,
+                    **overrides) -> Pi0Policy:
     """Load a local checkpoint directory (flowrl, lerobot PI0/PI05, openpi PyTorch); see Pi0Policy.from_pretrained."""
-    return Pi0Policy.from_pretrained(directory, config=config, strict=strict, **overrides)
+    return Pi0Policy.from_pretrained(directory, config=config, strict=strict, verify=verify, **overrides)
 
 
 __all__ = ["CONFIGS", "CheckpointKeyError", "Observation", "Pi0Policy", "PolicyConfig", "PrefixCache",

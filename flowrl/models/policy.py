@@ -992,26 +992,29 @@ class Pi0Policy(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically
-        (temp file in the same directory, then ``os.replace``)."""
+        (temp file in the same directory, then ``os.replace``). The safetensors metadata records a
+        SHA-256 digest of the weights, which :meth:`from_pretrained` checks."""
         from safetensors.torch import save_file
+
+        from flowrl.models.weights import DIGEST_KEY, tensor_digest
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt",
-                                                                                          "flowrl": "pi0policy"}))
+        meta = {"format": "pt", "flowrl": "pi0policy", DIGEST_KEY: tensor_digest(state)}
+        _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p), metadata=meta))
         cfg = {"flowrl_policy": True, **self.config.to_dict()}
         _atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, config: PolicyConfig | None = None,
-                        strict: bool = True, **overrides: Any) -> Pi0Policy:
+                        strict: bool = True, verify: bool = True, **overrides: Any) -> Pi0Policy:
         """Load a local checkpoint directory: this project's format, lerobot's PI0/PI05
         (``model.safetensors`` + ``config.json``) or openpi's PyTorch conversion. Never contacts
         a hub. See :func:`flowrl.models.weights.load_policy`."""
         from flowrl.models.weights import load_policy
 
-        return load_policy(cls, directory, config=config, strict=strict, **overrides)
+        return load_policy(cls, directory, config=config, strict=strict, verify=verify, **overrides)
 
 
 def _atomic_write(path: Path, write) -> None:

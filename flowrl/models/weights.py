@@ -29,8 +29,30 @@ from flowrl.models.config import PolicyConfig
 if TYPE_CHECKING:
     from flowrl.models.policy import Pi0Policy
 
-__all__ = ["KEY_ALIASES", "KEY_MAP", "CheckpointKeyError", "from_lerobot_state_dict", "load_policy",
-           "to_lerobot_state_dict"]
+__all__ = ["DIGEST_KEY", "KEY_ALIASES", "KEY_MAP", "CheckpointKeyError", "from_lerobot_state_dict", "load_policy",
+           "tensor_digest", "to_lerobot_state_dict"]
+
+#: safetensors metadata key of the SHA-256 digest that ``save_pretrained`` records (:func:`tensor_digest`).
+DIGEST_KEY = "flowrl_sha256"
+
+
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over a state dict's names, dtypes, shapes and raw bytes, in sorted-name order.
+
+    ``save_pretrained`` records it in the safetensors metadata and :func:`load_policy` recomputes it
+    on the loaded tensors: bytes changed inside the file's tensor data (which the safetensors
+    header checks cannot see) are an error instead of silently different weights. Costs one read of
+    the weights, about 1 s per 2 GB on a CPU with SHA extensions.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 _PG = "paligemma_with_expert.paligemma.model."
 _EX = "paligemma_with_expert.gemma_expert.model."
@@ -227,7 +249,7 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 
 def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: PolicyConfig | None = None,
-                strict: bool = True, **overrides: Any) -> Pi0Policy:
+                strict: bool = True, verify: bool = True, **overrides: Any) -> Pi0Policy:
     """Load ``directory`` (our format, lerobot PI0/PI05, or openpi PyTorch) into a new policy.
 
     ``config``: use these sizes instead of reading / inferring them. ``overrides``: config fields
@@ -235,12 +257,19 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
     ``num_steps`` or ``activation_checkpointing``; a size that does not match the weights is a
     :class:`CheckpointKeyError`).
     ``strict``: raise :class:`CheckpointKeyError` on unmatched or missing keys.
+    ``verify``: check the weights against the SHA-256 digest that ``save_pretrained`` recorded in the
+    file (:func:`tensor_digest`; a mismatch is a ValueError naming the file). Files without one
+    (lerobot, openpi, flowrl files written before the digest) load unchecked.
     """
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"from_pretrained: {d} is not a local directory (no hub access)")
     meta = _read_config_json(d / "config.json")
     raw, st_meta = _load_safetensors(d / "model.safetensors")
+    if verify and DIGEST_KEY in st_meta and tensor_digest(raw) != st_meta[DIGEST_KEY]:
+        raise ValueError(f"from_pretrained: {d / 'model.safetensors'}: the weights do not match the SHA-256 digest "
+                         "recorded when they were saved: the file's tensor data is corrupt (a disk or copy error); "
+                         "restore it from another copy (verify=False loads it anyway)")
     hint = ""
     if meta.get("flowrl_policy") or (st_meta.get("flowrl") == "pi0policy" and not meta):
         if config is None and not meta:
