@@ -259,6 +259,42 @@ def test_cache_reuse_and_not_written(policy):
     assert (r1.actions - r2.actions).abs().max() <= 1e-6
 
 
+def test_stale_cache_is_refused(policy):
+    """A cache encoded before an in-place update of the prefix weights gave the old VLM's K/V, silently.
+    π0's state token runs through the expert, so an expert-only step makes π0's cache stale too; π0.5's
+    prefix has no expert part."""
+    p = copy.deepcopy(policy)
+    obs = make_obs(p, B=2)
+    noise, tau = torch.randn(2, 50, 32), torch.full((2, 1), 0.5)
+    for params, stale in ((p.vlm.parameters(), True), (p.expert.parameters(), p.config.variant == "pi0"),
+                          (p.action_out_proj.parameters(), False)):
+        cache = p.encode_prefix(obs)
+        p.sample_actions(cache, num_steps=2, noise=noise)
+        opt = torch.optim.SGD(list(params), lr=1e-3)
+        for q in opt.param_groups[0]["params"]:
+            q.grad = torch.ones_like(q)
+        opt.step()
+        if stale:
+            for call in (lambda c: p.sample_actions(c, num_steps=2, noise=noise), lambda c: p.value(c),
+                         lambda c: p.cfm_losses(c, noise, noise[:, None], tau)):
+                with pytest.raises(ValueError, match="PrefixCache is stale"):
+                    call(cache)
+            p.sample_actions(replace(cache, weights_version=None), num_steps=2, noise=noise)  # the escape hatch
+        else:
+            p.sample_actions(cache, num_steps=2, noise=noise)
+        p.sample_actions(p.encode_prefix(obs), num_steps=2, noise=noise)  # a fresh cache is fine
+    with torch.no_grad():  # load_state_dict copies in place: stale as well
+        cache = p.encode_prefix(obs)
+        p.load_state_dict(policy.state_dict())
+    with pytest.raises(ValueError, match="stale"):
+        p.sample_actions(cache, num_steps=2, noise=noise)
+    # another policy's cache (same sizes) is not checked: it is right when that policy's prefix weights are these
+    q = copy.deepcopy(p)
+    c = q.encode_prefix(obs)
+    assert torch.equal(p.sample_actions(c, num_steps=2, noise=noise).actions,
+                       q.sample_actions(c, num_steps=2, noise=noise).actions)
+
+
 # ------------------------------------------------------------------------------------------------
 # (2) cfm_losses: N pairs in one prefix pass == N separate single-pair passes (values, gradients)
 

@@ -155,6 +155,11 @@ class PrefixCache:
             + 1 for π0's state token).
         pooled: ``(B, W_vlm)`` float32, mean of the VLM's final-normed outputs over valid tokens
             (the VLM-side value head's input).
+        encoder: ``id`` of the policy that encoded it, and ``weights_version`` the sum of the version
+            counters of that policy's prefix weights (SigLIP, projector, embeddings, VLM; π0: also the
+            state projection and the expert, which the state token runs through) at encoding time.
+            That policy refuses the cache once an in-place update (an optimizer step,
+            ``load_state_dict``) has changed those weights: its K/V would be stale. ``None``: unchecked.
     """
 
     keys: torch.Tensor
@@ -163,6 +168,8 @@ class PrefixCache:
     prefix_lens: torch.Tensor
     suffix_offset: torch.Tensor
     pooled: torch.Tensor
+    encoder: int | None = None
+    weights_version: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -314,6 +321,7 @@ class Pi0Policy(nn.Module):
         self.value_vlm = ValueEnsemble(c.vlm_width, c.value_hidden, c.value_heads)
         self.value_expert = ValueEnsemble(We, c.value_hidden, c.value_heads)
         self._graphs: dict = {}
+        self._prefix_params: tuple[torch.Tensor, ...] | None = None  # see prefix_weights_version
 
     # ---------------------------------------------------------------- precision / devices
 
@@ -492,6 +500,7 @@ class Pi0Policy(nn.Module):
         tokens, as in lerobot). Differentiable w.r.t. the weights.
         """
         obs = self._check_obs(obs)
+        version = self.prefix_weights_version()  # before the forward: an update during it makes the cache stale
         c = self.config
         dt = self.compute_dtype
         B, C = obs.images.shape[:2]
@@ -552,15 +561,34 @@ class Pi0Policy(nn.Module):
             pmask = torch.cat([pmask, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
         return PrefixCache(
             keys=torch.stack(ks), values=torch.stack(vs), prefix_mask=pmask, prefix_lens=lens,
-            suffix_offset=lens + (1 if pi0 else 0), pooled=pooled,
+            suffix_offset=lens + (1 if pi0 else 0), pooled=pooled, encoder=id(self), weights_version=version,
         )
+
+    def prefix_weights_version(self) -> int:
+        """Sum of the version counters of the weights a :class:`PrefixCache` depends on (SigLIP,
+        projector, embeddings, VLM; π0: also ``state_proj`` and the expert). Every in-place update of
+        one of them (an optimizer step, ``load_state_dict``, ``copy_``) increases it; ~0.1 µs per tensor."""
+        if self._prefix_params is None:
+            mods = [self.vision_tower, self.projector, self.embed_tokens, self.vlm]
+            if self.config.variant == "pi0":
+                mods += [self.state_proj, self.expert]
+            self._prefix_params = tuple(q for m in mods for q in m.parameters())
+        return sum(q._version for q in self._prefix_params)
 
     def _as_cache(self, obs_or_cache: Observation | PrefixCache) -> PrefixCache:
         if isinstance(obs_or_cache, PrefixCache):
-            if obs_or_cache.keys.device != self.device:
-                raise ValueError(f"Pi0Policy: the PrefixCache is on {obs_or_cache.keys.device} but the policy is on "
+            cache = obs_or_cache
+            if cache.keys.device != self.device:
+                raise ValueError(f"Pi0Policy: the PrefixCache is on {cache.keys.device} but the policy is on "
                                  f"{self.device}")
-            return obs_or_cache
+            if (cache.encoder == id(self) and cache.weights_version is not None
+                    and cache.weights_version != self.prefix_weights_version()):
+                raise ValueError("Pi0Policy: the PrefixCache is stale: the prefix weights (SigLIP, VLM"
+                                 + (", state projection, expert" if self.config.variant == "pi0" else "")
+                                 + ") were updated in place after encode_prefix (an optimizer step or "
+                                 "load_state_dict); re-run encode_prefix(obs) (or set the cache's weights_version "
+                                 "to None to use it anyway)")
+            return cache
         return self.encode_prefix(obs_or_cache)
 
     # ---------------------------------------------------------------- suffix
