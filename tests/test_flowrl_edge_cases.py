@@ -37,6 +37,22 @@ def _obs(p: Pi0Policy, B: int = 3, L: int = 6, seed: int = 0) -> Observation:
 # ------------------------------------------------------------------------------------------------ policy inputs
 
 
+def test_t_grid_is_a_copy_and_inference_mode_rollouts_train_later():
+    """SampleResult.t_grid was the policy's own cached grid (writing to it changed every later call), and a
+    rollout under torch.inference_mode() cached an inference-tensor grid that a later chain_logprob with the
+    same K could not save for backward."""
+    torch.manual_seed(0)
+    p = Pi0Policy(get_config("tiny")).eval()
+    obs = _obs(p, B=2)
+    with torch.inference_mode():
+        r = p.sample_actions(obs, "sde", num_steps=4, generator=torch.Generator().manual_seed(0))
+    chain = r.chain.clone()  # a normal tensor
+    p.chain_logprob(obs, chain, "sde").sum().backward()
+    r = p.sample_actions(obs, "ode", num_steps=4, noise=chain[:, 0])
+    r.t_grid.mul_(0.5)
+    assert p.sample_actions(obs, "ode", num_steps=4, noise=chain[:, 0]).t_grid.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
 def test_batch_without_any_camera_runs_and_matches_a_mixed_batch(policy):
     """Every camera masked in the whole batch (language-only) crashed inside SigLIP on 0 images."""
     p = policy

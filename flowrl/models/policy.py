@@ -370,11 +370,14 @@ class Pi0Policy(nn.Module):
 
     def _t_grid(self, K: int) -> torch.Tensor:
         """``(K+1,)`` float32 times ``t_k`` on the policy's device, built once per (K, device): a fresh
-        host-to-device copy would block the host until the queued work is done (read-only: no clone)."""
+        host-to-device copy would block the host until the queued work is done. Internal and read-only:
+        results hand out a copy. Built outside inference mode (an inference tensor built by a rollout under
+        ``torch.inference_mode()`` could not be saved for the backward of a later ``chain_logprob``)."""
         key = (K, self.device)
         cache = self.__dict__.setdefault("_t_grids", {})
         if key not in cache:
-            cache[key] = torch.tensor(_time_grid(K), dtype=torch.float32, device=self.device)
+            with torch.inference_mode(False):
+                cache[key] = torch.tensor(_time_grid(K), dtype=torch.float32, device=self.device)
         return cache[key]
 
     def _run_layer(self, part: str, fn, *args: Any) -> Any:
@@ -802,7 +805,7 @@ class Pi0Policy(nn.Module):
             actions=x, chain=torch.stack(xs, 1) if return_chain else None,
             means=torch.stack(means, 1) if return_chain else None,
             stds=torch.stack(stds, 1) if return_chain else None,
-            step_logps=step_logps, initial_logp=init, logp=logp, t_grid=t_grid,
+            step_logps=step_logps, initial_logp=init, logp=logp, t_grid=t_grid.clone(),  # not the policy's own grid
         )
 
     def _initial_logp(self, x0: torch.Tensor, dim_mask, step_mask) -> torch.Tensor:
