@@ -108,7 +108,7 @@ def run(name: str, algo: str, overrides: list[str], out_dir: Path, log: bool = T
         return {**r, "reused": True}
     config = ROOT / "flowrl" / "configs" / CONFIG[algo]
     cmd = [sys.executable, str(ROOT / "flowrl" / "train.py"), "--config", str(config),
-           f"run_dir={run_dir}", f"algo.name={algo}", *TASK, *overrides]
+           f"run_dir={run_dir}", "overwrite=true", f"algo.name={algo}", *TASK, *overrides]  # a rerun starts afresh
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0

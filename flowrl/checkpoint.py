@@ -10,10 +10,13 @@ partial one that resume would pick up.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
-__all__ = ["finalize_checkpoint", "latest_checkpoint", "staging_dir", "write_atomic"]
+__all__ = ["checkpoint_iteration", "complete_checkpoints", "finalize_checkpoint", "latest_checkpoint", "staging_dir",
+           "write_atomic"]
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
@@ -21,11 +24,31 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_ITER = re.compile(r"iter_(\d+)")
+
+
+def checkpoint_iteration(path: str | Path) -> int | None:
+    """The iteration of a checkpoint directory named ``iter_<N>``, else None."""
+    m = _ITER.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints (``iter_<N>`` directories; staged ones are not), by iteration."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("iter_*") if p.is_dir() and checkpoint_iteration(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_iteration(p))  # type: ignore[arg-type, return-value]
 
 
 def staging_dir(run_dir: str | Path, iteration: int) -> Path:
@@ -35,32 +58,50 @@ def staging_dir(run_dir: str | Path, iteration: int) -> Path:
 
 
 def finalize_checkpoint(run_dir: str | Path, iteration: int, keep: int = 2) -> Path:
-    """Rename the staged checkpoint to its final name, point ``latest`` at it, prune old ones."""
+    """Rename the staged checkpoint to its final name, point ``latest`` at it, and prune: the new one
+    and the ``keep − 1`` highest-numbered others stay (``keep=0``: all)."""
     root = Path(run_dir) / "checkpoints"
     src = staging_dir(run_dir, iteration)
     if not src.is_dir():
         raise FileNotFoundError(f"finalize_checkpoint: staged checkpoint {src} does not exist")
     dst = root / f"iter_{iteration:06d}"
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)
+    if dst.exists():  # the same iteration saved again: moved aside first, so a kill leaves a complete one
+        trash = root / f".replaced_{dst.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
     write_atomic(root / "latest", dst.name.encode())
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".staging_iter_*"):
+    # prune by iteration number (not by name: iter_1000000 sorts before iter_999999); never the new one
+    if keep > 0:  # 0 keeps every checkpoint
+        others = [p for p in complete_checkpoints(run_dir) if p != dst]
+        for old in others[:max(len(others) - (keep - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in [*root.glob(".staging_iter_*"), *root.glob(".replaced_iter_*")]:
         if stale != src:
             shutil.rmtree(stale, ignore_errors=True)
     return dst
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The directory ``latest`` points at, or None if the run has no complete checkpoint."""
+    """The checkpoint ``latest`` points at, or None if the run has no complete checkpoint.
+
+    ``latest`` must name an existing ``iter_<N>`` directory of this run. When it does not (a process
+    killed between publishing a checkpoint and writing the pointer, or a damaged pointer), the
+    newest complete checkpoint is returned, with a warning: ``iter_<N>`` directories only appear
+    once complete.
+    """
     root = Path(run_dir) / "checkpoints"
     ptr = root / "latest"
-    if not ptr.is_file():
-        return None
-    d = root / ptr.read_text().strip()
-    if not d.is_dir():
-        raise FileNotFoundError(f"latest_checkpoint: {ptr} points at {d}, which does not exist")
-    return d
+    done = complete_checkpoints(run_dir)
+    if ptr.is_file():
+        name = ptr.read_text(errors="replace").strip()
+        d = root / name
+        if checkpoint_iteration(name) is not None and d.is_dir():
+            return d
+        if done:
+            warnings.warn(f"latest_checkpoint: {ptr} names {name!r}, not a complete checkpoint of this run; "
+                          f"using the newest one, {done[-1].name}", stacklevel=2)
+    return done[-1] if done else None

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "ALGOS",
+    "RESUME_MAY_CHANGE",
     "AlgoConfig",
     "ConfigError",
     "EnvConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "load_config",
+    "resume_changes",
 ]
 
 ALGOS = ("sft", "arfm", "fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo")
@@ -89,7 +91,7 @@ class AlgoConfig:
     lam: float = 0.95
     clip: float = 0.2
     dual_clip: float | None = 3.0
-    value_clip: float = 0.2
+    value_clip: float | None = 0.2  # null: no value clipping
     max_grad_norm: float = 1.0
     critic_side: str = "auto"  # auto (π0: expert, π0.5: vlm, as π_RL) | expert | vlm
     critic_detach: bool = True  # the value heads read detached features (false: the value loss trains them too)
@@ -146,6 +148,37 @@ class TrainConfig:
     wandb_project: str = "flowrl"
     progress: str = "auto"  # a progress bar on rank 0: auto (when stderr is a terminal) | true | false
     plot: bool = True
+    # a fresh run (no --resume) in a run_dir that holds checkpoints: an error, or with true the old run's
+    # checkpoints, metrics.jsonl, TensorBoard logs, curves and W&B id are deleted first
+    overwrite: bool = False
+
+
+#: keys a ``--resume`` may change (everything else must equal the checkpoint's ``train_config.json``)
+RESUME_MAY_CHANGE = ("iterations", "checkpoint_every", "eval_episodes", "run_dir", "tensorboard", "wandb",
+                     "wandb_project", "progress", "plot", "overwrite", "model.activation_checkpointing")
+
+
+def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The keys (``a.b``) whose value in ``cfg`` differs from ``saved`` (a checkpoint's ``train_config.json``),
+    except :data:`RESUME_MAY_CHANGE`, as ``"key: saved → now"``. Keys the saved file lacks (added later) are
+    not compared."""
+    import dataclasses
+
+    now = dataclasses.asdict(cfg)
+    out: list[str] = []
+
+    def walk(a: dict[str, Any], b: dict[str, Any], prefix: str) -> None:
+        for k, v in b.items():
+            key = prefix + k
+            if key in RESUME_MAY_CHANGE or k not in a:
+                continue
+            if isinstance(v, dict) and isinstance(a[k], dict) and key != "model.overrides":
+                walk(a[k], v, key + ".")
+            elif a[k] != v:
+                out.append(f"{key}: {a[k]!r} → {v!r}")
+
+    walk(saved, now, "")
+    return out
 
 
 #: string options whose YAML spelling reads as a bool (YAML 1.1: ``off``/``no``/``false`` are False):
@@ -348,7 +381,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.model.variant not in ("pi0", "pi05"):
         raise ConfigError(f"model.variant must be pi0 or pi05, got {cfg.model.variant!r}")
     _check_model_overrides(cfg.model.overrides)
-    for name in ("lr", "sft_lr", "critic_lr", "max_grad_norm", "noise_level", "value_clip", "arfm_lambda"):
+    for name in ("lr", "sft_lr", "critic_lr", "max_grad_norm", "noise_level", "arfm_lambda"):
         if getattr(a, name) < 0:
             raise ConfigError(f"algo.{name} must be >= 0, got {getattr(a, name)}")
     for name in ("clip", "fpo_clip", "fpo_clamp", "vla_beta", "vla_eta"):
@@ -387,6 +420,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         if e.max_episode_steps < e.chunk_steps:
             raise ConfigError(f"env.max_episode_steps={e.max_episode_steps} must be >= env.chunk_steps="
                               f"{e.chunk_steps} for reach")
+    if a.value_clip is not None and not a.value_clip > 0:  # 0 let each rollout move the critic about one step
+        raise ConfigError(f"algo.value_clip must be > 0, or null for no clipping, got {a.value_clip}")
+    if a.name == "grpo" and a.group_size < 2:  # one rollout per group: every advantage is 0, nothing is learned
+        raise ConfigError(f"algo.group_size must be >= 2 for grpo (advantages are relative to the group), "
+                          f"got {a.group_size}")
     if a.name == "grpo" and cfg.env.num_envs % a.group_size != 0:
         raise ConfigError(f"env.num_envs={cfg.env.num_envs} must be divisible by algo.group_size={a.group_size} "
                           "(GRPO groups rollouts from one initial state)")

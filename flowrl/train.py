@@ -268,6 +268,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     from flowrl.config import validate
 
     validate(cfg, world)
+    if ckpt is not None:
+        _check_resume(ckpt, cfg, world, rank)
+    else:
+        _prepare_fresh_run_dir(run_dir, cfg, rank)
     torch.manual_seed(cfg.seed + 1000 * rank)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -294,8 +298,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     start_iter, history, evals = 0, [], {}
     obs = env.reset(seed=cfg.seed * 1000 + rank)
     if ckpt is not None:
-        engine.load_checkpoint(str(ckpt), tag="ds")
-        st = torch.load(ckpt / f"trainer_rank{rank}.pt", weights_only=False)
+        try:
+            engine.load_checkpoint(str(ckpt), tag="ds")
+            st = torch.load(ckpt / f"trainer_rank{rank}.pt", weights_only=False)
+        except Exception as e:  # DeepSpeed's bare asserts, torch.load's unpickling errors, size mismatches
+            raise ConfigError(f"--resume: checkpoint {ckpt} is incomplete or corrupt, or does not fit this run's "
+                              f"model: {type(e).__name__}: {e}") from e
         try:
             env.load_state_dict(st["env"])
         except ValueError as e:  # e.g. the env's settings were changed between the runs
@@ -306,6 +314,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         torch.set_rng_state(st["torch_rng"])
         start_iter, history = st["iteration"] + 1, st["history"]
         evals = st.get("evals", {})  # the evaluations before (and after SFT) of the first run
+        if rank == 0:  # lines of iterations run after this checkpoint (before a kill) are dropped: rerun now
+            write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
         obs = env.observe() if hasattr(env, "observe") else env.reset()
         log(f"[flowrl] resumed from {ckpt} at iteration {start_iter}")
 
@@ -491,6 +501,56 @@ def _wandb_run(cfg: TrainConfig, run_dir: Path) -> Any:
     except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as e:
         raise ConfigError(f"wandb={cfg.wandb}: W&B did not start ({type(e).__name__}: {e}); log in (`wandb login` "
                           "or WANDB_API_KEY), or use wandb=offline (`wandb sync` uploads later) or wandb=off") from e
+
+
+def _check_resume(ckpt: Path, cfg: TrainConfig, world: int, rank: int) -> None:
+    """Before any work: the checkpoint has its files, was saved by as many ranks, and the config equals the
+    one it was saved with (except :data:`~flowrl.config.RESUME_MAY_CHANGE`): a resumed run must continue
+    the same training."""
+    from flowrl.config import RESUME_MAY_CHANGE, resume_changes
+
+    missing = [n for n in ("ds", "policy", "train_config.json", f"trainer_rank{rank}.pt") if not (ckpt / n).exists()]
+    if missing:
+        raise ConfigError(f"--resume: checkpoint {ckpt} is incomplete: {', '.join(missing)} missing")
+    saved_ranks = len(list(ckpt.glob("trainer_rank*.pt")))
+    if saved_ranks != world:
+        raise ConfigError(f"--resume: checkpoint {ckpt} was saved by {saved_ranks} rank(s), this run has {world}: "
+                          "each rank continues its own envs; resume with the same number of ranks")
+    try:
+        saved = json.loads((ckpt / "train_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--resume: {ckpt / 'train_config.json'} is corrupt: {e}") from e
+    changes = resume_changes(saved, cfg)
+    if changes:
+        raise ConfigError(f"--resume from {ckpt}: the config differs from the one the run was saved with: "
+                          f"{'; '.join(changes)}. A resume continues the same training; only "
+                          f"{', '.join(RESUME_MAY_CHANGE)} may change. To train on with other settings, start a new "
+                          f"run with model.init_from={ckpt}")
+
+
+def _prepare_fresh_run_dir(run_dir: Path, cfg: TrainConfig, rank: int) -> None:
+    """A run without ``--resume`` in a directory holding another run's checkpoints: an error (its checkpoints
+    would be pruned by the new ones and its metrics appended to), or with ``overwrite=true`` that run's
+    outputs are deleted first (rank 0; every rank waits for it)."""
+    import shutil
+
+    from flowrl.checkpoint import complete_checkpoints
+
+    old = complete_checkpoints(run_dir)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has looked before rank 0 deletes anything: all decide alike
+    if not old:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(f"run_dir={run_dir} holds the checkpoints of a run (newest {old[-1].name}): pass --resume "
+                          "to continue it, overwrite=true to delete it and start afresh, or another run_dir")
+    if rank == 0:
+        shutil.rmtree(run_dir / "checkpoints")
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        for name in ("metrics.jsonl", "curves.png", "wandb_id"):
+            (run_dir / name).unlink(missing_ok=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _asdict(cfg: TrainConfig) -> dict[str, Any]:

@@ -11,4 +11,5 @@ VENV=${VENV:-.venv} bash scripts/setup_env.sh
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 fi
-deepspeed flowrl/train.py --config flowrl/configs/reach_fpo.yaml "$@"
+# overwrite=true: running the main job again starts it afresh in runs/reach_fpo (--resume continues it instead)
+deepspeed flowrl/train.py --config flowrl/configs/reach_fpo.yaml overwrite=true "$@"

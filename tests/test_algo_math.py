@@ -234,3 +234,25 @@ def test_loss_functions_refuse_or_promote_what_would_be_silently_wrong():
         L.ppo_policy_loss(torch.ones(4), torch.ones(4), 0.2, 0.5)
     with pytest.raises(ValueError, match="clip must be > 0"):
         L.spo_policy_loss(torch.ones(4), torch.ones(4), 0.0)
+
+
+def test_losses_second_fuzzing_pass():
+    """explained_variance broadcast (n, 1) against (n,) into another number and crashed on int targets; GAE
+    rounded γλ to float32 for float64 input and let a non-finite value past an episode's end poison its column;
+    an integer ratio crashed PPO's mean; an empty batch gave NaN losses."""
+    pred, target = torch.tensor([1.0, 2.0, 3.5]), torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"explained_variance: pred, target must have one shape"):
+        L.explained_variance(pred[:, None], target)
+    assert L.explained_variance(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3])) == 1.0
+    r = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    adv, _ = L.gae(r, torch.zeros_like(r), torch.zeros(2, 1), torch.zeros(1, dtype=torch.float64), 0.9, 0.95)
+    assert adv.dtype == torch.float64 and adv[0, 0].item() == 1.0 + 0.9 * 0.95  # exact in float64
+    adv, _ = L.gae(torch.ones(2, 2), torch.zeros(2, 2), torch.tensor([[0, 0], [0, 1]]), torch.tensor([0.0, math.nan]))
+    assert torch.isfinite(adv[:, 1]).all() and adv[:, 0].isfinite().all()  # env 1 ended: its NaN bootstrap unused
+    loss, _ = L.ppo_policy_loss(torch.ones(3, dtype=torch.long), torch.tensor([1.0, -1.0, 2.0]))
+    assert loss.item() == pytest.approx(-2 / 3)
+    for call in (lambda: L.ppo_policy_loss(torch.ones(0), torch.ones(0)),
+                 lambda: L.spo_policy_loss(torch.ones(0), torch.ones(0)),
+                 lambda: L.value_loss(torch.ones(0, 2), torch.ones(0, 2), torch.ones(0, 2))):
+        with pytest.raises(ValueError, match="empty batch"):
+            call()

@@ -299,12 +299,16 @@ def test_wandb_off_in_a_yaml_file(tmp_path):
     # fields the trainer sets from its own keys: the override silently disagreed with them
     ("model.overrides.num_steps=8", "model.overrides.num_steps: set by algo.num_steps"),
     ("model.overrides.value_heads=3", "model.overrides.value_heads: set by model.num_value_heads"),
+    # found by a fuzzing pass: GRPO groups of one learn nothing (every advantage 0); a value clip of 0 stalls
+    # the critic (max of the clipped and unclipped losses stops its gradient after one step)
+    ("algo.name=grpo algo.group_size=1", "algo.group_size must be >= 2 for grpo"),
+    ("algo.value_clip=0", "algo.value_clip must be > 0, or null for no clipping"),
 ])
 def test_config_values_are_checked_before_work(over, msg):
     """These passed load_config and then failed inside the env or the first update (a traceback, not
     a ConfigError naming the key), or were silently replaced."""
     with pytest.raises(ConfigError) as ei:
-        load_config(None, [over])
+        load_config(None, over.split())
     assert msg in str(ei.value)
 
 

@@ -182,6 +182,49 @@ def test_resume_keeps_the_first_runs_evaluations(tmp_path, capsys):
         _run(tmp_path / "r", *common, "iterations=3", "env.max_episode_steps=55", resume=True)
 
 
+def test_run_dir_reuse_and_resume_checks(tmp_path):
+    """Found by a fuzzing pass: a fresh run in a directory holding a run with higher-numbered checkpoints had
+    its new checkpoint pruned at once (by name) and appended its metrics to the old run's; --resume with another
+    algorithm or model size continued silently; damaged checkpoints reached DeepSpeed or torch.load as bare
+    errors. Each is now a ConfigError naming what to do, before any work."""
+    import shutil
+
+    run = tmp_path / "r"
+    common = ["algo.name=fpo", "algo.fpo_pairs=2", "checkpoint_every=1", "eval_episodes=0", "seed=3"]
+    _run(run, *common, "iterations=2")
+    with pytest.raises(ConfigError, match=r"holds the checkpoints of a run \(newest iter_000001\): pass --resume"):
+        _run(run, *common, "iterations=1")
+    for over, key in (("algo.name=flow_sde_ppo", "algo.name: 'fpo' → 'flow_sde_ppo'"),
+                      ("model.overrides.action_horizon=12", "model.overrides: {'action_horizon': 10} → "),
+                      ("seed=4", "seed: 3 → 4"), ("algo.lr=1e-3", "algo.lr: ")):
+        with pytest.raises(ConfigError, match="the config differs from the one the run was saved with") as ei:
+            _run(run, *common, "iterations=3", over, resume=True)
+        assert key in str(ei.value) and "model.init_from=" in str(ei.value)
+    # damaged checkpoints: each a ConfigError naming the checkpoint
+    ck = latest_checkpoint(run)
+    bad = tmp_path / "bad"
+    for damage, msg in ((lambda c: (c / "trainer_rank0.pt").unlink(), "incomplete: trainer_rank0.pt missing"),
+                        (lambda c: shutil.rmtree(c / "ds"), "incomplete: ds missing"),
+                        (lambda c: (c / "trainer_rank0.pt").write_bytes(b"garbage\n"), "is incomplete or corrupt"),
+                        (lambda c: (c / "train_config.json").write_text("{"), "train_config.json is corrupt")):
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(run, bad)
+        damage(latest_checkpoint(bad))
+        with pytest.raises(ConfigError, match=msg):
+            _run(bad, *common, "iterations=3", resume=True)
+    # a kill after iteration 3 with checkpoints every 2: the resumed run reruns iteration 3, its metric line once
+    (run / "checkpoints" / "latest").write_text(ck.name)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([*lines, lines[-1]]) + "\n")  # a line past the checkpoint
+    res = _run(run, *common, "iterations=3", resume=True)
+    got = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert got == [0.0, 1.0, 2.0] == [h["iteration"] for h in res["history"]]
+    # overwrite=true starts afresh: the old run's checkpoints and metrics are gone
+    _run(run, *common, "iterations=1", "overwrite=true")
+    assert [p.name for p in (run / "checkpoints").glob("iter_*")] == ["iter_000000"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------- 4. SIGKILL mid-run
 def test_sigkill_leaves_a_complete_checkpoint_and_resume_finishes(tmp_path):
     from flowrl.models import from_pretrained

@@ -113,7 +113,9 @@ class Algorithm(abc.ABC):
         """The differentiable loss of one minibatch and its statistics."""
 
     def minibatches(self, batch: Batch) -> Iterator[Batch]:
-        """``epochs`` passes over ``batch`` in shuffled minibatches of ``minibatch_size``."""
+        """``epochs`` passes over ``batch`` in shuffled minibatches of ``minibatch_size`` (drop-last: the
+        ``n mod minibatch_size`` samples left over by an epoch's shuffle wait for the next epoch's; all
+        minibatches have one size, so every update step weighs its samples alike)."""
         n = len(batch)
         mb = min(self.cfg.minibatch_size, n)
         for _ in range(self.cfg.epochs):

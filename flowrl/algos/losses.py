@@ -28,11 +28,13 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else x.float()
 
 
-def _same_shape(op: str, **tensors: torch.Tensor) -> None:
+def _same_shape(op: str, nonempty: bool = False, **tensors: torch.Tensor) -> None:
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"{op}: {', '.join(shapes)} must have one shape (no broadcasting), got "
                          + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    if nonempty and not next(iter(tensors.values())).numel():  # the mean of nothing is NaN
+        raise ValueError(f"{op}: empty batch ({', '.join(shapes)} of shape {next(iter(shapes.values()))})")
 
 
 def gae(
@@ -64,9 +66,11 @@ def gae(
     running = torch.zeros_like(last_value)
     next_value = last_value
     for k in reversed(range(T)):
-        notdone = 1.0 - dones[k].float()
-        delta = rewards[k] + gamma * next_value * notdone - values[k]
-        running = delta + gamma * lam * notdone * running
+        ended = dones[k].bool()
+        # where, not a multiplication by (1 − done): a non-finite value past an episode's end stays out
+        boot = torch.where(ended, torch.zeros_like(next_value), next_value)
+        delta = rewards[k] + gamma * boot - values[k]
+        running = delta + torch.where(ended, torch.zeros_like(running), (gamma * lam) * running)
         adv[k] = running
         next_value = values[k]
     return adv, adv + values
@@ -108,7 +112,8 @@ def ppo_policy_loss(
     Returns:
         the loss (scalar) and statistics: ``clip_frac``, ``ratio_mean``.
     """
-    _same_shape("ppo_policy_loss", ratio=ratio, adv=adv)
+    _same_shape("ppo_policy_loss", nonempty=True, ratio=ratio, adv=adv)
+    ratio, adv = _float(ratio), _float(adv)
     if not clip > 0 or (dual_clip is not None and not dual_clip > 1):
         raise ValueError(f"ppo_policy_loss: needs clip > 0 and dual_clip > 1 (or None), got clip={clip}, "
                          f"dual_clip={dual_clip}")
@@ -126,7 +131,8 @@ def ppo_policy_loss(
 
 def spo_policy_loss(ratio: torch.Tensor, adv: torch.Tensor, clip: float = 0.05) -> torch.Tensor:
     """The SPO form ``−mean(ρ·Â − |Â|/(2ε)·(ρ − 1)²)`` (FPO++'s option for negative advantages)."""
-    _same_shape("spo_policy_loss", ratio=ratio, adv=adv)
+    _same_shape("spo_policy_loss", nonempty=True, ratio=ratio, adv=adv)
+    ratio, adv = _float(ratio), _float(adv)
     if not clip > 0:
         raise ValueError(f"spo_policy_loss: clip must be > 0, got {clip}")
     return -(ratio * adv - adv.abs() / (2 * clip) * (ratio - 1) ** 2).mean()
@@ -136,7 +142,7 @@ def value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None = 0.2, delta: float = 1.0
 ) -> torch.Tensor:
     """Huber value loss with PPO's value clipping: ``max(huber(v − R), huber(v_clip − R))``."""
-    _same_shape("value_loss", values=values, old_values=old_values, returns=returns)
+    _same_shape("value_loss", nonempty=True, values=values, old_values=old_values, returns=returns)
     l1 = torch.nn.functional.huber_loss(values, returns, reduction="none", delta=delta)
     if clip is None:
         return l1.mean()
@@ -146,7 +152,10 @@ def value_loss(
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """``1 − Var(target − pred)/Var(target)`` (nan when the target is constant)."""
+    """``1 − Var(target − pred)/Var(target)`` (nan when the target is constant); ``pred`` and ``target``
+    of one shape (no broadcasting), any real dtype."""
+    _same_shape("explained_variance", pred=pred, target=target)
+    pred, target = _float(pred), _float(target)
     var = target.var(unbiased=False)
     if float(var) == 0.0:
         return float("nan")
