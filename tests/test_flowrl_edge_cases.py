@@ -372,3 +372,56 @@ def test_config_values_are_read_as_written(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
+
+
+def test_policy_inputs_second_fuzzing_pass(policy, tmp_path):
+    """Found by a fuzzing pass over flowrl.models: each was a silent wrong answer or an unrelated error."""
+    import dataclasses
+
+    p = policy
+    obs = _obs(p, B=2)
+    noise = torch.zeros(2, p.config.action_horizon, p.config.action_dim)
+    # pixels in [0, 255] (or NaN) on a valid camera changed the actions silently; a masked camera may hold anything
+    for bad in (obs.images.add(1).mul(127.5), obs.images.clone().fill_(float("nan"))):
+        with pytest.raises(ValueError, match=r"obs.images must lie in \[-1, 1\]"):
+            p.sample_actions(replace(obs, images=bad), num_steps=1, noise=noise)
+    masked = obs.images.clone()
+    masked[1, 0] = float("nan")
+    mask = obs.image_masks.clone()
+    mask[1, 0] = False
+    p.sample_actions(replace(obs, images=masked, image_masks=mask), num_steps=1, noise=noise)
+    with pytest.raises(ValueError, match=r"obs\.state holds NaN"):
+        p.sample_actions(replace(obs, state=torch.full_like(obs.state, float("nan"))), num_steps=1, noise=noise)
+    # a cache of another policy's structure or variant: silently used (depth 1 < 2) or a raw IndexError
+    cache = p.encode_prefix(obs)
+    other = Pi0Policy(get_config("tiny", depth=1)).eval()
+    with pytest.raises(ValueError, match=r"keys/values .* do not fit this policy: expected \(depth=1"):
+        other.sample_actions(cache, num_steps=1, noise=noise)
+    pi05 = Pi0Policy(get_config("tiny", variant="pi05")).eval()
+    with pytest.raises(ValueError, match="encoded by a pi0 policy, this one is pi05"):
+        pi05.sample_actions(cache, num_steps=1, noise=noise)
+    with pytest.raises(ValueError, match=r"the PrefixCache is torch\.bfloat16"):
+        p.sample_actions(replace(cache, keys=cache.keys.bfloat16(), values=cache.values.bfloat16()), num_steps=1,
+                         noise=noise)
+    # arguments of the wrong type were taken by float() / truthiness
+    with pytest.raises(TypeError, match="noise_level must be a real number, got str"):
+        p.sample_actions(cache, mode="sde", num_steps=2, noise=noise, noise_level="0.5")
+    chain = p.sample_actions(cache, mode="sde", num_steps=2, noise=noise).chain
+    with pytest.raises(TypeError, match="include_initial must be a bool or None, got str"):
+        p.chain_logprob(obs, chain, "sde", include_initial="no")
+    with pytest.raises(ValueError, match=r"sde_steps must be an int64/int32 tensor .* got torch.float32 \(2,\)"):
+        p.sample_actions(cache, mode="sde", num_steps=2, noise=noise, sde_steps=torch.zeros(2))
+    with pytest.raises(TypeError, match=r"config must be a PolicyConfig .*PolicyConfig\.from_dict"):
+        Pi0Policy(dataclasses.asdict(p.config))
+    with pytest.raises(ValueError, match="min_period < max_period"):
+        get_config("tiny", min_period=5.0, max_period=4.0)
+    with pytest.raises(ValueError, match="vision_heads 3 must divide vision_width"):
+        get_config("tiny", vision_heads=3)
+    # a flowrl checkpoint whose config.json lacks the flowrl_policy marker was converted as a lerobot one
+    p.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "flowrl_policy"}))
+    assert from_pretrained(str(tmp_path / "ck")).load_format == "flowrl"
+    (tmp_path / "ck" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json, or an empty one"):
+        from_pretrained(str(tmp_path / "ck"))

@@ -104,6 +104,11 @@ class PolicyConfig:
         for name in ("rope_theta", "rms_eps", "min_period", "max_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PolicyConfig: {name} must be > 0, got {getattr(self, name)!r}")
+        if not self.min_period < self.max_period:
+            raise ValueError(f"PolicyConfig: need min_period < max_period, got {self.min_period}, {self.max_period}")
+        if self.vision_width % self.vision_heads:
+            raise ValueError(f"PolicyConfig: vision_heads {self.vision_heads} must divide vision_width "
+                             f"{self.vision_width}")
         if self.noise_level < 0:
             raise ValueError(f"PolicyConfig: noise_level (Flow-SDE a) must be >= 0, got {self.noise_level!r}")
 

@@ -33,12 +33,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import flowkernels as fk
-from flowkernels._checks import host_min_max, value_checks_enabled
+from flowkernels._checks import as_float, host_min_max, value_checks_enabled
 from flowrl.models.config import PolicyConfig, get_config
 from flowrl.models.gemma import GemmaLayer, GemmaStack, apply_rope, linear_f32, rope_cos_sin
 from flowrl.models.heads import NoiseHead, ValueEnsemble
 
 __all__ = ["Observation", "Pi0Policy", "PrefixCache", "SampleResult", "sinusoidal_time_embedding"]
+
+#: |image value| above this on a valid camera is an error: images are [-1, 1] (a resize may overshoot a little);
+#: pixels in [0, 255] or [0, 2] are caught, [0, 1] cannot be told apart from [-1, 1]
+_IMAGE_BOUND = 1.5
 
 MODES = ("ode", "sde", "noise")
 FREEZE_MODES = ("expert_only", "expert_and_vlm", "none")
@@ -160,6 +164,8 @@ class PrefixCache:
             state projection and the expert, which the state token runs through) at encoding time.
             That policy refuses the cache once an in-place update (an optimizer step,
             ``load_state_dict``) has changed those weights: its K/V would be stale. ``None``: unchecked.
+        variant: ``"pi0"`` or ``"pi05"`` of the encoding policy (π0's cache ends with the state token).
+            Any policy checks a cache's depth, KV heads, head dim, dtype and variant against its own.
     """
 
     keys: torch.Tensor
@@ -170,6 +176,7 @@ class PrefixCache:
     pooled: torch.Tensor
     encoder: int | None = None
     weights_version: int | None = None
+    variant: str | None = None
 
     @property
     def batch_size(self) -> int:
@@ -294,6 +301,9 @@ class Pi0Policy(nn.Module):
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         c = get_config(config) if isinstance(config, str) else config
+        if not isinstance(c, PolicyConfig):
+            raise TypeError(f"Pi0Policy: config must be a PolicyConfig or a config name, got {type(config).__name__}"
+                            + (" (PolicyConfig.from_dict(d) reads a dict)" if isinstance(config, dict) else ""))
         self.config = c
         vcfg = SiglipVisionConfig(
             hidden_size=c.vision_width, intermediate_size=c.vision_mlp_dim, num_hidden_layers=c.vision_depth,
@@ -412,6 +422,12 @@ class Pi0Policy(nn.Module):
         if obs.image_masks.shape != (B, C) or obs.image_masks.dtype != torch.bool:
             raise ValueError(f"Pi0Policy: obs.image_masks must be bool (B, C) = ({B}, {C}), got "
                              f"{obs.image_masks.dtype} {tuple(obs.image_masks.shape)}")
+        if value_checks_enabled(dev):  # valid cameras only: a masked camera may hold anything
+            lo, hi = host_min_max(torch.where(obs.image_masks[:, :, None, None, None], im, 0.0))
+            if not (-_IMAGE_BOUND <= lo and hi <= _IMAGE_BOUND):
+                raise ValueError(f"Pi0Policy: obs.images must lie in [-1, 1] (checked at ±{_IMAGE_BOUND}) on the "
+                                 f"valid cameras, got values in [{lo:.4g}, {hi:.4g}] (pixels in [0, 255]? use "
+                                 "x / 127.5 − 1; NaN?)")
         tok = obs.tokens
         if tok.dim() != 2 or tok.shape[0] != B:
             raise ValueError(f"Pi0Policy: obs.tokens must be (B, L) with B={B}, got {tuple(tok.shape)}")
@@ -447,6 +463,8 @@ class Pi0Policy(nn.Module):
             if state.shape[1] > c.max_state_dim:
                 raise ValueError(f"Pi0Policy: obs.state has dim {state.shape[1]}, above "
                                  f"max_state_dim={c.max_state_dim}")
+            if value_checks_enabled(dev) and state.numel() and not bool(torch.isfinite(state).all()):
+                raise ValueError("Pi0Policy: obs.state holds NaN or inf")
             if state.shape[1] < c.max_state_dim:
                 state = F.pad(state, (0, c.max_state_dim - state.shape[1]))
         return replace(obs, tokens=tok.long(), state=state)
@@ -565,6 +583,7 @@ class Pi0Policy(nn.Module):
         return PrefixCache(
             keys=torch.stack(ks), values=torch.stack(vs), prefix_mask=pmask, prefix_lens=lens,
             suffix_offset=lens + (1 if pi0 else 0), pooled=pooled, encoder=id(self), weights_version=version,
+            variant=c.variant,
         )
 
     def prefix_weights_version(self) -> int:
@@ -584,6 +603,19 @@ class Pi0Policy(nn.Module):
             if cache.keys.device != self.device:
                 raise ValueError(f"Pi0Policy: the PrefixCache is on {cache.keys.device} but the policy is on "
                                  f"{self.device}")
+            c = self.config
+            want = (c.depth, c.num_kv_heads, c.head_dim)
+            if cache.keys.dim() != 5 or (cache.keys.shape[0], *cache.keys.shape[3:]) != want or \
+                    cache.values.shape != cache.keys.shape:
+                raise ValueError(f"Pi0Policy: the PrefixCache's keys/values {tuple(cache.keys.shape)} do not fit this "
+                                 f"policy: expected (depth={c.depth}, B, P, num_kv_heads={c.num_kv_heads}, "
+                                 f"head_dim={c.head_dim}); it was encoded by another policy")
+            if cache.variant is not None and cache.variant != c.variant:
+                raise ValueError(f"Pi0Policy: the PrefixCache was encoded by a {cache.variant} policy, this one is "
+                                 f"{c.variant} (π0's cache holds the state token)")
+            if cache.keys.dtype != self.compute_dtype:
+                raise ValueError(f"Pi0Policy: the PrefixCache is {cache.keys.dtype}, the policy computes in "
+                                 f"{self.compute_dtype} (encode it again after set_precision)")
             if (cache.encoder == id(self) and cache.weights_version is not None
                     and cache.weights_version != self.prefix_weights_version()):
                 raise ValueError("Pi0Policy: the PrefixCache is stale: the prefix weights (SigLIP, VLM"
@@ -712,7 +744,10 @@ class Pi0Policy(nn.Module):
             step_noise: ``(B·N, K, H, D)`` float32 transition noise for sde / noise (an error with
                 ode; default: drawn inside flowkernels.flow_step from a seed drawn from ``generator``).
             sde_steps: ``(B·N,)`` int64: with mode ``"sde"``, only step ``k*`` of each row is
-                stochastic (Flow-SDE's hybrid), the others ODE. None: every step SDE.
+                stochastic (Flow-SDE's hybrid), the others ODE. None: every step SDE. Each must lie
+                in ``[0, K)``; with value checks off (``flowkernels.set_value_checks(False)``, the
+                trainer's setting on a GPU) that is not checked and a row with a step outside it is
+                all ODE (log-prob 0).
             noise_level: Flow-SDE ``a`` (default ``config.noise_level``).
             dim_mask: ``(D,)`` / ``(B·N, D)``; step_mask: ``(H,)`` / ``(B·N, H)``: elements summed in
                 the log-probs.
@@ -728,7 +763,7 @@ class Pi0Policy(nn.Module):
             raise ValueError(f"Pi0Policy.sample_actions: mode must be one of {MODES}, got {mode!r}")
         K = _check_count("sample_actions", "num_steps", c.num_steps if num_steps is None else num_steps)
         group_size = _check_count("sample_actions", "group_size", group_size)
-        a = c.noise_level if noise_level is None else float(noise_level)
+        a = c.noise_level if noise_level is None else as_float("Pi0Policy", "noise_level", noise_level, "a real number")
         with torch.no_grad():
             cache = self._as_cache(obs_or_cache)
             B, N = cache.batch_size, group_size
@@ -747,8 +782,10 @@ class Pi0Policy(nn.Module):
                     raise ValueError("Pi0Policy.sample_actions: sde_steps is only used with mode 'sde'")
                 if not isinstance(sde_steps, torch.Tensor) or sde_steps.shape != (BN,) or sde_steps.dtype not in (
                         torch.int64, torch.int32):
-                    raise ValueError(f"Pi0Policy.sample_actions: sde_steps must be an int tensor of shape (B·N,) = "
-                                     f"({BN},)")
+                    got = (f"{sde_steps.dtype} {tuple(sde_steps.shape)}" if isinstance(sde_steps, torch.Tensor)
+                           else type(sde_steps).__name__)
+                    raise ValueError(f"Pi0Policy.sample_actions: sde_steps must be an int64/int32 tensor of shape "
+                                     f"(B·N,) = ({BN},), got {got}")
                 if value_checks_enabled(dev) and (int(sde_steps.min()) < 0 or int(sde_steps.max()) >= K):
                     raise ValueError(f"Pi0Policy.sample_actions: sde_steps must lie in [0, K={K})")
             seeds = None
@@ -939,9 +976,12 @@ class Pi0Policy(nn.Module):
         self._check_actions("chain", chain, (BN, K + 1))
         t_grid = self._t_grid(K)
         tc = self.time_constants(t_grid[:K])
-        a = c.noise_level if noise_level is None else float(noise_level)
+        a = c.noise_level if noise_level is None else as_float("Pi0Policy", "noise_level", noise_level, "a real number")
         if include_initial is None:
             include_initial = mode == "noise"
+        elif not isinstance(include_initial, bool):
+            raise TypeError(f"Pi0Policy.chain_logprob: include_initial must be a bool or None, got "
+                            f"{type(include_initial).__name__}")
         if steps is not None:
             if not isinstance(steps, torch.Tensor) or steps.shape != (BN,):
                 raise ValueError(f"Pi0Policy.chain_logprob: steps must be an int tensor of shape ({BN},)")

@@ -271,10 +271,12 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
                          "recorded when they were saved: the file's tensor data is corrupt (a disk or copy error); "
                          "restore it from another copy (verify=False loads it anyway)")
     hint = ""
-    if meta.get("flowrl_policy") or (st_meta.get("flowrl") == "pi0policy" and not meta):
+    # the safetensors metadata says whose file it is: a config.json without the flowrl_policy marker (written by
+    # hand from config.to_dict()) is still this project's, not a lerobot one to convert
+    if meta.get("flowrl_policy") or st_meta.get("flowrl") == "pi0policy":
         if config is None and not meta:
-            raise FileNotFoundError(f"from_pretrained: {d} holds a flowrl model.safetensors but no config.json "
-                                    "(its sizes): restore config.json or pass config=PolicyConfig(...)")
+            raise FileNotFoundError(f"from_pretrained: {d} holds a flowrl model.safetensors but no config.json, or "
+                                    "an empty one (its sizes): restore config.json or pass config=PolicyConfig(...)")
         if config is None:
             try:
                 config = PolicyConfig.from_dict({k: v for k, v in meta.items() if k != "flowrl_policy"})
