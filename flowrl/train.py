@@ -529,23 +529,29 @@ def _check_resume(ckpt: Path, cfg: TrainConfig, world: int, rank: int) -> None:
 
 
 def _prepare_fresh_run_dir(run_dir: Path, cfg: TrainConfig, rank: int) -> None:
-    """A run without ``--resume`` in a directory holding another run's checkpoints: an error (its checkpoints
-    would be pruned by the new ones and its metrics appended to), or with ``overwrite=true`` that run's
-    outputs are deleted first (rank 0; every rank waits for it)."""
+    """A run without ``--resume`` in a directory holding another run's checkpoints or metrics: an error (its
+    checkpoints would be pruned by the new ones and its metrics appended to), or with ``overwrite=true`` that
+    run's outputs are deleted first (rank 0; every rank waits for it)."""
     import shutil
 
     from flowrl.checkpoint import complete_checkpoints
 
     old = complete_checkpoints(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank has looked before rank 0 deletes anything: all decide alike
-    if not old:
+    if not old and not logged:
         return
     if not cfg.overwrite:
-        raise ConfigError(f"run_dir={run_dir} holds the checkpoints of a run (newest {old[-1].name}): pass --resume "
-                          "to continue it, overwrite=true to delete it and start afresh, or another run_dir")
+        if old:
+            raise ConfigError(f"run_dir={run_dir} holds the checkpoints of a run (newest {old[-1].name}): pass "
+                              "--resume to continue it, overwrite=true to delete it and start afresh, or another "
+                              "run_dir")
+        raise ConfigError(f"run_dir={run_dir} holds the metrics.jsonl of a run (without checkpoints, so it cannot be "
+                          "resumed): overwrite=true deletes it and starts afresh, or use another run_dir")
     if rank == 0:
-        shutil.rmtree(run_dir / "checkpoints")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "tb", ignore_errors=True)
         for name in ("metrics.jsonl", "curves.png", "wandb_id"):
             (run_dir / name).unlink(missing_ok=True)

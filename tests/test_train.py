@@ -223,6 +223,10 @@ def test_run_dir_reuse_and_resume_checks(tmp_path):
     _run(run, *common, "iterations=1", "overwrite=true")
     assert [p.name for p in (run / "checkpoints").glob("iter_*")] == ["iter_000000"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    # a run without checkpoints left metrics only: a new run appended to them
+    _run(tmp_path / "m", *common[:2], "checkpoint_every=0", "eval_episodes=0", "iterations=1")
+    with pytest.raises(ConfigError, match=r"holds the metrics\.jsonl of a run \(without checkpoints"):
+        _run(tmp_path / "m", *common[:2], "checkpoint_every=0", "eval_episodes=0", "iterations=1")
 
 
 # ---------------------------------------------------------------------------------------- 4. SIGKILL mid-run
