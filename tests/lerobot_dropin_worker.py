@@ -12,6 +12,7 @@ a broken environment. Exit status 0 when every check passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -246,6 +247,75 @@ def basic(variant: str) -> None:
             f"max|Δv| {dv:.2e}, logp {s.logprob.tolist()} vs {lp.tolist()} (Δ {dlp:.2e})",
         )
     fkl.revert_flowkernels(policy)
+    found_by_fuzzing(variant, policy, inputs, a0)
+
+
+def found_by_fuzzing(variant: str, policy, inputs: dict, a0: torch.Tensor) -> None:
+    """Cases a fuzzing pass found: each crashed, or silently differed from lerobot, before its fix."""
+    import copy
+    import types as _types
+    import warnings
+
+    from lerobot.policies.rtc.configuration_rtc import RTCConfig
+
+    model = policy.model
+    # torch.autocast (lerobot's eval with use_amp): the cached prefix K/V came out float32, the suffix q bf16, and
+    # prefix_attention / flow_step refused the mix; lerobot's matmuls cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_amp = run(model, variant, inputs)
+        for kw in ({}, {"attention": False}, {"denoise": False}):
+            fkl.apply_flowkernels(policy, **kw)
+            try:
+                got = run(model, variant, inputs)
+                d = maxdiff(ref_amp, got)
+                ok = got.dtype == ref_amp.dtype and d <= 0.05 * max(1.0, ref_amp.abs().max().item())
+                check(f"{variant}/autocast bf16 {kw} ≈ lerobot under autocast", ok, f"max|Δ| {d:.2e}")
+            except Exception as e:
+                check(f"{variant}/autocast bf16 {kw} ≈ lerobot under autocast", False, repr(e))
+    # deepcopy of a patched policy, then revert: the copy got a bare sentinel object as its sample_actions
+    fkl.apply_flowkernels(policy)
+    q = copy.deepcopy(policy)
+    fkl.revert_flowkernels(q)
+    fkl.revert_flowkernels(policy)
+    ok = "sample_actions" not in q.model.__dict__ and not fkl.is_patched(q)
+    check(f"{variant}/deepcopy + revert gives lerobot back", ok and torch.equal(run(q.model, variant, inputs), a0))
+    # RTC debug tracking with RTC off: lerobot records every step; the patched loop recorded none
+    r = build(variant)
+    r.config.rtc_config = RTCConfig(enabled=False, debug=True)
+    r.init_rtc_processor()
+    fkl.apply_flowkernels(r)
+    run(r.model, variant, inputs)
+    n = len(r.rtc_processor.get_all_debug_steps())
+    check(f"{variant}/RTC debug tracking still records the steps", n == r.model.config.num_inference_steps, f"{n}")
+    # options and classes checked when patching, not at the first inference
+    for kw, exc, msg in (({"backend": "bogus"}, ValueError, "backend must be one of"),
+                         ({"attention": "no"}, TypeError, "attention must be a bool")):
+        try:
+            fkl.apply_flowkernels(policy, **kw)
+            check(f"{variant}/apply_flowkernels({kw}) refused", False, "accepted")
+        except exc as e:
+            check(f"{variant}/apply_flowkernels({kw}) refused", msg in str(e), str(e))
+    fake = _types.new_class("PI0Pytorch", (torch.nn.Module,))
+    try:
+        fkl.apply_flowkernels(fake)
+        check(f"{variant}/a PI0Pytorch from another module refused", False, "accepted")
+    except TypeError as e:
+        check(f"{variant}/a PI0Pytorch from another module refused", "is not lerobot's" in str(e), str(e))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lerobot 0.6.x: no version warning
+        fkl.apply_flowkernels(policy)
+    # train mode with gradient checkpointing: transformers returns no cache; the error names the fix
+    model.gradient_checkpointing_enable()
+    policy.train()
+    try:
+        run(model, variant, inputs)
+        check(f"{variant}/train mode + gradient checkpointing: clear error", False, "no error")
+    except RuntimeError as e:
+        check(f"{variant}/train mode + gradient checkpointing: clear error", "policy.eval()" in str(e), str(e))
+    finally:
+        model.gradient_checkpointing_disable()
+        policy.eval()
+        fkl.revert_flowkernels(policy)
 
 
 def compiled(variant: str) -> None:
@@ -297,6 +367,18 @@ def compiled(variant: str) -> None:
         f"max|Δ| {maxdiff(a0, a2):.2e}, {c.clones} clones traced ({time.perf_counter() - t0:.0f} s incl. compile)",
     )
     fkl.revert_flowkernels(type(policy))
+    # lerobot bound the compiled patched method on p2 at construction: still patched after the class revert, and
+    # reverting the instance gives lerobot's own method, compiled (is_patched said False; revert did nothing)
+    still = fkl.is_patched(p2)
+    fkl.revert_flowkernels(p2)
+    fn = p2.model.__dict__["sample_actions"]
+    orig = getattr(fn, "_torchdynamo_orig_callable", None)
+    lerobots = inspect.unwrap(type(p2.model).__dict__["sample_actions"])
+    check(
+        f"{variant}/instance built from a patched class: is_patched, and revert gives lerobot's compiled method",
+        still and not fkl.is_patched(p2) and fkl._is_compiled(fn)
+        and inspect.unwrap(getattr(orig, "__func__", orig)) is lerobots,
+    )
 
 
 def main() -> int:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -51,14 +52,20 @@ import flowkernels as fk
 
 __all__ = ["FlowSample", "apply_flowkernels", "is_patched", "revert_flowkernels"]
 
-_MISSING = object()
 # Names this module sets on PI0Pytorch / PI05Pytorch (class or instance).
 _PATCHED = ("sample_actions", "sample_actions_with_logprob")
 _MODEL_CLASSES = {"PI0Pytorch": "pi0", "PI05Pytorch": "pi05"}
 _POLICY_TO_MODEL = {"PI0Policy": "PI0Pytorch", "PI05Policy": "PI05Pytorch"}
-# class -> {name: original __dict__ entry or _MISSING}
+# class -> {name: original __dict__ entry}, only the names the class defined itself (the others are deleted on
+# revert). No sentinel object: a deepcopy of a patched instance copies its saved entries, and a sentinel's
+# copy would no longer be the sentinel.
 _CLASS_SAVED: dict[type, dict[str, Any]] = {}
 _INSTANCE_SAVED = "_flowkernels_saved"
+#: lerobot releases this module is written against (its PI0Pytorch / PI05Pytorch internals)
+TESTED_LEROBOT = "0.6"
+#: what the patched methods call on the model and its module (checked when patching)
+_MODEL_API = ("embed_prefix", "embed_suffix", "denoise_step", "_rtc_enabled", "sample_noise")
+_MODULE_API = ("make_att_2d_masks", "prepare_attention_masks_4d")
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,7 @@ class _Prefix(NamedTuple):
     pad_masks: torch.Tensor  # (B, P) bool: valid prefix tokens
     offsets: torch.Tensor  # (B, 1): number of valid prefix tokens (first suffix position)
     cache: Any  # lerobot's DynamicCache (for the lerobot denoise_step fallback)
+    casts: dict  # (layer, dtype) -> that layer's prefix K/V in another dtype (autocast), made once per prefix
 
 
 def _lerobot_module(model: torch.nn.Module) -> types.ModuleType:
@@ -131,12 +139,27 @@ def _compute_prefix(model, images, img_masks, lang_tokens, lang_masks) -> _Prefi
         inputs_embeds=[prefix_embs, None],
         use_cache=True,
     )
+    if cache is None:  # transformers turns use_cache off under gradient checkpointing in train mode
+        raise RuntimeError("flowkernels: lerobot's prefix pass returned no KV cache (gradient checkpointing in "
+                           "train mode disables it); call policy.eval() before sampling")
     # transformers stores (B, Hkv, P, d); prefix_attention takes (B, P, Hkv, d): a transposed view
     # (stride 1 in d), no copy.
     keys = [layer.keys.transpose(1, 2) for layer in cache.layers]
     values = [layer.values.transpose(1, 2) for layer in cache.layers]
     offsets = torch.sum(pad_masks, dim=-1)[:, None]
-    return _Prefix(keys, values, pad_masks, offsets, cache)
+    return _Prefix(keys, values, pad_masks, offsets, cache, {})
+
+
+def _prefix_kv(prefix: _Prefix, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s prefix K/V in ``dtype``: the cache's own tensors, or (under autocast, where the prefix
+    pass and the suffix projections differ in dtype) one converted copy per prefix, not per step."""
+    k, v = prefix.keys[i], prefix.values[i]
+    if k.dtype == dtype:
+        return k, v
+    key = (i, dtype)
+    if key not in prefix.casts:
+        prefix.casts[key] = (k.to(dtype), v.to(dtype))
+    return prefix.casts[key]
 
 
 def _eager_attention(q, k, v, prefix_k, prefix_v, prefix_mask, suffix_mask, scale):
@@ -183,12 +206,15 @@ def _expert_velocity(model, variant: str, prefix: _Prefix, state, x_t, timestep,
         v = attn.v_proj(hn).view(shape)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         if opts.attention:
+            # one dtype for all (under torch.autocast RoPE promotes some to float32; lerobot's matmuls cast)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            pk, pv = _prefix_kv(prefix, i, q.dtype)
             o = fk.prefix_attention(
                 q,
                 k,
                 v,
-                prefix.keys[i],
-                prefix.values[i],
+                pk,
+                pv,
                 prefix_mask=prefix.pad_masks,
                 suffix_mask=suffix_mask,
                 scale=attn.scaling,
@@ -240,6 +266,7 @@ def _sample_ode(model, variant: str, opts: _Options, images, img_masks, lang_tok
     for step in range(K):
         time = 1.0 + step * dt  # computed in double exactly as euler_integrate, then fp32
         v = velocity(x, torch.tensor(time, dtype=torch.float32, device=device).expand(bsize))
+        v = v.to(x.dtype)  # under torch.autocast the velocity comes out in the autocast dtype
         if opts.denoise:
             x = fk.flow_step(x, v, time, -dt, "ode", backend=opts.backend).x_next
         else:
@@ -316,7 +343,7 @@ def _sample_with_logprob(
     for k in range(K):
         t, t_next = float(t_grid[k]), float(t_grid[k + 1])
         dt = t - t_next
-        v = velocity(x, t_grid[k].expand(bsize))
+        v = velocity(x, t_grid[k].expand(bsize)).to(torch.float32)  # (autocast: in its dtype)
         if mode == "ode":
             x_next = fk.flow_step(x, v, t, dt, "ode", backend=opts.backend).x_next
             logp = torch.zeros(B, dtype=torch.float32, device=device)
@@ -362,6 +389,15 @@ def _sample_with_logprob(
 # ------------------------------------------------------------------------------------------------
 
 
+def _lerobot_loop_needed(model) -> bool:
+    """Real-time chunking, or its debug tracking (which lerobot's loop records even with RTC off): lerobot's
+    own ``sample_actions`` runs."""
+    if model._rtc_enabled():
+        return True
+    rtc = getattr(model, "rtc_processor", None)
+    return rtc is not None and bool(getattr(rtc, "is_debug_enabled", lambda: False)())
+
+
 def _lerobot_sample_actions(model) -> Callable:
     """lerobot's own (unpatched) ``sample_actions`` function of the model's class."""
     fn = type(model).sample_actions
@@ -373,7 +409,7 @@ def _make_methods(variant: str, original: Callable, opts: _Options) -> dict[str,
 
         @torch.no_grad()
         def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None, num_steps=None, **kw):
-            if self._rtc_enabled():
+            if _lerobot_loop_needed(self):
                 return original(self, images, img_masks, lang_tokens, lang_masks, state, noise, num_steps, **kw)
             return _sample_ode(self, "pi0", opts, images, img_masks, lang_tokens, lang_masks, state, noise, num_steps)
 
@@ -381,7 +417,7 @@ def _make_methods(variant: str, original: Callable, opts: _Options) -> dict[str,
 
         @torch.no_grad()
         def sample_actions(self, images, img_masks, tokens, masks, noise=None, num_steps=None, **kw):
-            if self._rtc_enabled():
+            if _lerobot_loop_needed(self):
                 return original(self, images, img_masks, tokens, masks, noise, num_steps, **kw)
             return _sample_ode(self, "pi05", opts, images, img_masks, tokens, masks, None, noise, num_steps)
 
@@ -431,6 +467,46 @@ def _is_compiled(fn: Any) -> bool:
     return getattr(fn, "_torchdynamo_orig_callable", None) is not None
 
 
+def _patched_options(fn: Any) -> _Options | None:
+    """The options of a patched ``sample_actions`` (bound, compiled or plain), else None."""
+    fn = getattr(fn, "_torchdynamo_orig_callable", fn)
+    return getattr(getattr(fn, "__func__", fn), "__flowkernels_options__", None)
+
+
+def _check_lerobot(cls: type) -> None:
+    """``cls`` (PI0Pytorch / PI05Pytorch) is lerobot's, with the internals the patched methods call."""
+    mod = sys.modules.get(cls.__module__)
+    if not cls.__module__.startswith("lerobot.") or mod is None:
+        raise TypeError(f"apply_flowkernels: {cls.__module__}.{cls.__name__} is not lerobot's (module "
+                        "lerobot.policies.pi0 / pi05); for other π0 ports see docs/lerobot_dropin.md")
+    missing = [f"{cls.__name__}.{n}" for n in _MODEL_API if not hasattr(cls, n)]
+    missing += [f"{cls.__module__}.{n}" for n in _MODULE_API if not hasattr(mod, n)]
+    if missing:
+        raise TypeError(f"apply_flowkernels: this lerobot's {cls.__name__} lacks {', '.join(missing)}; the patch is "
+                        f"written against lerobot {TESTED_LEROBOT}.x")
+    try:
+        from importlib.metadata import version
+
+        have = version("lerobot")
+    except Exception:  # not installed as a distribution (a source checkout): nothing to compare
+        return
+    if not (have == TESTED_LEROBOT or have.startswith(TESTED_LEROBOT + ".")):
+        warnings.warn(f"apply_flowkernels: lerobot {have} is installed, the patch is tested with "
+                      f"{TESTED_LEROBOT}.x; compare patched and unpatched actions once before relying on it",
+                      stacklevel=3)
+
+
+def _options(attention: Any, denoise: Any, reuse_prefix: Any, backend: Any) -> _Options:
+    for name, val in (("attention", attention), ("denoise", denoise), ("reuse_prefix", reuse_prefix)):
+        if not isinstance(val, bool):
+            raise TypeError(f"apply_flowkernels: {name} must be a bool, got {val!r}")
+    from flowkernels._backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"apply_flowkernels: backend must be one of {BACKENDS}, got {backend!r}")
+    return _Options(attention, denoise, reuse_prefix, backend)
+
+
 def apply_flowkernels(
     policy_or_class: Any,
     *,
@@ -459,23 +535,32 @@ def apply_flowkernels(
 
     Applying twice is harmless (the second call replaces the first, with its options). Instances
     built from a patched class while ``config.compile_model`` keep the compiled patched method after
-    :func:`revert_flowkernels` of the class; revert them (or patch/revert instances) individually.
+    :func:`revert_flowkernels` of the class (lerobot bound it on the instance at construction);
+    ``revert_flowkernels(instance)`` gives them lerobot's own method back, compiled.
+
+    Raises:
+        TypeError: not lerobot's π0 / π0.5 (a class of that name from another module, e.g. openpi's
+            ``PI0Pytorch``: see docs/lerobot_dropin.md), or a lerobot without the internals the
+            patch calls; non-bool options. A lerobot other than 0.6.x gets a warning.
+        ValueError: an unknown ``backend``.
     """
-    opts = _Options(bool(attention), bool(denoise), bool(reuse_prefix), backend)
+    opts = _options(attention, denoise, reuse_prefix, backend)
     if isinstance(policy_or_class, type):
         cls = _model_class(policy_or_class)
+        _check_lerobot(cls)
         _revert_class(cls)
         original = cls.sample_actions
-        _CLASS_SAVED[cls] = {name: cls.__dict__.get(name, _MISSING) for name in _PATCHED}
+        _CLASS_SAVED[cls] = {name: cls.__dict__[name] for name in _PATCHED if name in cls.__dict__}
         for name, fn in _make_methods(_variant(cls), original, opts).items():
             setattr(cls, name, fn)
         return policy_or_class
 
     model = _model_instance(policy_or_class)
+    _check_lerobot(_model_class(type(model)))
     _revert_instance(model)
-    saved = {name: model.__dict__.get(name, _MISSING) for name in _PATCHED}
+    saved = {name: model.__dict__[name] for name in _PATCHED if name in model.__dict__}
     original = _lerobot_sample_actions(model)
-    compiled = _is_compiled(saved["sample_actions"]) or bool(getattr(model.config, "compile_model", False))
+    compiled = _is_compiled(saved.get("sample_actions")) or bool(getattr(model.config, "compile_model", False))
     for name, fn in _make_methods(_variant(model), original, opts).items():
         bound = types.MethodType(fn, model)
         if name == "sample_actions" and compiled:
@@ -489,23 +574,32 @@ def _revert_class(cls: type) -> None:
     saved = _CLASS_SAVED.pop(cls, None)
     if saved is None:
         return
-    for name, value in saved.items():
-        if value is _MISSING:
-            if name in cls.__dict__:
-                delattr(cls, name)
-        else:
-            setattr(cls, name, value)
+    for name in _PATCHED:
+        if name in saved:
+            setattr(cls, name, saved[name])
+        elif name in cls.__dict__:
+            delattr(cls, name)
 
 
 def _revert_instance(model: torch.nn.Module) -> None:
     saved = model.__dict__.pop(_INSTANCE_SAVED, None)
-    if saved is None:
-        return
-    for name, value in saved.items():
-        if value is _MISSING:
-            model.__dict__.pop(name, None)
-        else:
-            model.__dict__[name] = value
+    if saved is not None:
+        for name in _PATCHED:
+            if name in saved:
+                model.__dict__[name] = saved[name]
+            else:
+                model.__dict__.pop(name, None)
+    # built from a patched class with config.compile_model: lerobot bound the compiled *patched* method on the
+    # instance at construction; it gets lerobot's own method back, compiled as lerobot compiles it
+    fn = model.__dict__.get("sample_actions")
+    opts = _patched_options(fn) if fn is not None else None
+    if opts is not None:
+        inner = getattr(fn, "_torchdynamo_orig_callable", fn)  # torch.compile of a bound method keeps its function
+        original = getattr(getattr(inner, "__func__", inner), "__flowkernels_original__", None)
+        if original is not None:
+            bound = types.MethodType(original, model)
+            model.__dict__["sample_actions"] = (
+                torch.compile(bound, mode=getattr(model.config, "compile_mode", None)) if _is_compiled(fn) else bound)
 
 
 def revert_flowkernels(policy_or_class: Any) -> Any:
@@ -525,6 +619,6 @@ def is_patched(policy_or_class: Any) -> bool:
     model = _model_instance(policy_or_class)
     return (
         _INSTANCE_SAVED in model.__dict__
-        or type(model) in _CLASS_SAVED
         or any(k in _CLASS_SAVED for k in type(model).__mro__)
+        or _patched_options(model.__dict__.get("sample_actions")) is not None  # bound at construction
     )
