@@ -150,12 +150,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     dev = args.device
+    if dev not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {dev!r}")
+    if dev == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch has no CUDA device")
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        p.error(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
-    P = args.prefix or (816 if dev == "cuda" else 256)
-    rows_list = [int(x) for x in (args.rows or ("64,256,1024" if dev == "cuda" else "16,64")).split(",")]
-    groups = [int(x) for x in args.groups.split(",")]
+    P = args.prefix if args.prefix is not None else (816 if dev == "cuda" else 256)  # 0 is an error, not the default
+    try:
+        rows_list = [int(x) for x in (args.rows or ("64,256,1024" if dev == "cuda" else "16,64")).split(",")]
+        groups = [int(x) for x in args.groups.split(",")]
+    except ValueError:
+        p.error(f"--rows and --groups must be comma-separated ints, got {args.rows!r}, {args.groups!r}")
     modes = args.modes.split(",")
     providers = list(PROVIDERS) if args.providers is None else args.providers.split(",")
+    problems = [f"unknown --providers {sorted(set(providers) - set(PROVIDERS))} (known: {list(PROVIDERS)})"
+                for _ in [0] if set(providers) - set(PROVIDERS)]
+    problems += [f"unknown --modes {sorted(set(modes) - {'fwd', 'fwdbwd'})} (known: fwd, fwdbwd)"
+                 for _ in [0] if set(modes) - {"fwd", "fwdbwd"}]
+    if P < 1 or min(rows_list) < 1 or min(groups) < 1 or not args.budget > 0:
+        problems.append(f"--prefix, --rows, --groups must be >= 1 and --budget > 0 (got {P}, {rows_list}, "
+                        f"{groups}, {args.budget})")
+    elif not any(bn % n == 0 for bn in rows_list for n in groups):
+        problems.append(f"no --rows value {rows_list} is a multiple of a --groups value {groups} (B·N = B x N)")
+    if problems:
+        p.error("; ".join(problems))
     if dev != "cuda":
         skipped = [x for x in providers if x.startswith("triton")]
         if skipped:

@@ -93,12 +93,19 @@ def main(argv: list[str] | None = None) -> bool:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    try:
+        workers = [int(x) for x in args.workers.split(",")]
+    except ValueError:
+        p.error(f"--workers must be comma-separated ints, got {args.workers!r}")
+    if min(workers) < 1 or args.chunks < 1 or args.chunk_steps < 1 or args.image_size < 8:
+        p.error(f"need --workers >= 1, --chunks >= 1, --chunk-steps >= 1, --image-size >= 8; got {workers}, "
+                f"{args.chunks}, {args.chunk_steps}, {args.image_size}")
     reason = libero_unavailable_reason()
     if reason:
         print(f"bench_libero: skipped: {reason}")
         return True
     rows = []
-    for w in [int(x) for x in args.workers.split(",")]:
+    for w in workers:
         for fast in (False, True):
             r = run_case(args.suite, w, fast, args.image_size, args.chunk_steps, args.chunks)
             rows.append(r)

@@ -165,8 +165,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     dev = args.device
+    if dev not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {dev!r}")
+    if dev == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch has no CUDA device")
+    if args.dtype not in (None, "float32", "bfloat16"):
+        p.error(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
-    batches = [int(b) for b in (args.batches or ("1,64,256,1024" if dev == "cuda" else "1,16,256")).split(",")]
+    try:
+        batches = [int(b) for b in (args.batches or ("1,64,256,1024" if dev == "cuda" else "1,16,256")).split(",")]
+    except ValueError:
+        p.error(f"--batches must be comma-separated ints, got {args.batches!r}")
+    unknown = [o for o in args.ops.split(",") if o not in CASES]
+    if unknown or min(batches) < 1 or not args.budget > 0:
+        p.error(f"unknown --ops {unknown} (known: {list(CASES)})" if unknown else
+                f"--batches must be >= 1 (got {batches}) and --budget > 0 (got {args.budget})")
     fk.set_value_checks(False)  # production setting: no host syncs for value checks
     kernels = [b for b in fk.available_backends(dev) if b not in ("torch",) and not (b == "triton" and dev == "cpu")]
     providers = ["eager", *([] if args.no_compile else ["compile"]), *kernels]

@@ -286,6 +286,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [a for a in algos if a not in ALGOS]
     if bad:
         ap.error(f"--algos: unknown {bad}; known: {ALGOS}")
+    if args.pipeline_algo and args.pipeline_algo not in ALGOS:  # it ran after the whole table
+        ap.error(f"--pipeline-algo: unknown {args.pipeline_algo!r}; known: {ALGOS} ('' skips the row)")
+    if args.reps < 1 or args.warmup < 0 or args.update_steps < 1 or (args.num_envs is not None and args.num_envs < 1):
+        ap.error(f"need --reps >= 1, --warmup >= 0, --update-steps >= 1, --num-envs >= 1; got {args.reps}, "
+                 f"{args.warmup}, {args.update_steps}, {args.num_envs}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this torch has no CUDA device")
+    if args.out is not None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # the table must not be lost after all the work
     overrides = list(QUICK) if args.quick else []
     if args.num_envs is not None:
         overrides.append(f"env.num_envs={args.num_envs}")

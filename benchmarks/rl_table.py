@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reuse", action="store_true",
                    help="do not rerun a run whose result is in the work dir (to add algorithms to a table)")
     args = p.parse_args(argv)
+    for flag, value in (("--sft-iterations", args.sft_iterations), ("--iterations", args.iterations),
+                        ("--eval-episodes", args.eval_episodes)):
+        if value < 1:  # the SFT run's checkpoint starts every RL run; success is what the table compares
+            p.error(f"{flag} must be >= 1, got {value}")
     from flowrl.checkpoint import latest_checkpoint
 
     work = Path(args.work_dir)

@@ -15,8 +15,8 @@ import shutil
 import warnings
 from pathlib import Path
 
-__all__ = ["checkpoint_iteration", "complete_checkpoints", "finalize_checkpoint", "latest_checkpoint", "staging_dir",
-           "write_atomic"]
+__all__ = ["checkpoint_iteration", "complete_checkpoints", "finalize_checkpoint", "latest_checkpoint",
+           "resolve_checkpoint", "staging_dir", "write_atomic"]
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
@@ -105,3 +105,26 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             warnings.warn(f"latest_checkpoint: {ptr} names {name!r}, not a complete checkpoint of this run; "
                           f"using the newest one, {done[-1].name}", stacklevel=2)
     return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or for a run directory (one holding ``checkpoints/``) or its ``checkpoints/`` folder,
+    the run's latest complete checkpoint (:func:`latest_checkpoint`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or names a run without a complete checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if (path / "checkpoints").is_dir():
+        run_dir = path
+    elif path.name == "checkpoints" and checkpoint_iteration(path) is None and (
+            (path / "latest").is_file() or complete_checkpoints(path.parent)):
+        run_dir = path.parent
+    else:
+        return path
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise FileNotFoundError(f"run directory {run_dir} has no complete checkpoint yet")
+    return ck

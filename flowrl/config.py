@@ -470,8 +470,19 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.env.name == "libero" and cfg.model.config in ("pi0", "pi05") and not cfg.model.init_from:
         raise ConfigError(f"model.config={cfg.model.config} on LIBERO needs model.init_from=<a local π0 checkpoint "
                           "directory> (a randomly initialized full-size π0 cannot solve LIBERO)")
-    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
-        raise ConfigError(f"model.init_from: checkpoint directory {cfg.model.init_from!r} does not exist")
+    if cfg.model.init_from:
+        from flowrl.checkpoint import resolve_checkpoint
+
+        try:  # a run directory (or its checkpoints/) means its latest checkpoint, as for flowrl.eval
+            src = resolve_checkpoint(cfg.model.init_from)
+        except FileNotFoundError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
+        if not (src / "model.safetensors").is_file() and not (src / "policy" / "model.safetensors").is_file():
+            raise ConfigError(f"model.init_from: {src} holds no model.safetensors (nor policy/model.safetensors): "
+                              "give a trainer checkpoint, a run directory or a policy directory")
+    if a.name == "vla_fpo" and cfg.zero_stage == 3:  # its small actor + Q-heads: nothing worth partitioning
+        raise ConfigError("zero_stage=3 does not combine with vla_fpo (its target Q-heads read the critics' "
+                          "parameters outside the engine's forward): use zero_stage 0, 1 or 2")
     if cfg.progress not in ("auto", "true", "false"):
         raise ConfigError(f"progress must be auto, true or false, got {cfg.progress!r}")
     if cfg.wandb not in ("off", "offline", "online"):

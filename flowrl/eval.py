@@ -160,21 +160,18 @@ def load_vla_fpo_noise(ckpt: Any, policy: Any, cfg: Any, env: Any = None) -> Any
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """``path`` itself, or for a run directory (or its ``checkpoints/`` folder) the checkpoint its
-    ``latest`` pointer names; a missing directory exits with a message naming it."""
-    from flowrl.checkpoint import latest_checkpoint
+    """``path`` itself, or for a run directory (or its ``checkpoints/`` folder) its latest complete
+    checkpoint (:func:`flowrl.checkpoint.resolve_checkpoint`); a missing directory, or a run without a
+    checkpoint, exits with a message naming it."""
+    from flowrl.checkpoint import resolve_checkpoint as resolve
 
-    if not path.is_dir():
-        raise SystemExit(f"flowrl.eval: checkpoint directory {path} does not exist")
-    if (path / "checkpoints" / "latest").is_file():
-        run_dir = path
-    elif path.name == "checkpoints" and (path / "latest").is_file():
-        run_dir = path.parent
-    else:
-        return path
-    ck = latest_checkpoint(run_dir)  # FileNotFoundError naming the pointer if it dangles
-    print(f"flowrl.eval: {path} -> its latest checkpoint {ck}", flush=True)
-    return ck  # type: ignore[return-value]
+    try:
+        ck = resolve(path)
+    except FileNotFoundError as e:
+        raise SystemExit(f"flowrl.eval: {e}") from None
+    if ck != path:
+        print(f"flowrl.eval: {path} -> its latest checkpoint {ck}", flush=True)
+    return ck
 
 
 def run_config(checkpoint: Path) -> tuple[Any, dict[str, Any] | None]:
@@ -204,9 +201,15 @@ def _check_cli_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.device is not None:
         try:
-            torch.device(args.device)
+            dev = torch.device(args.device)
         except RuntimeError:
             raise ValueError(f"--device: {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this torch has no CUDA device (a CPU build, or no GPU); use cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if args.json is not None and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a directory: give a file path (its parents are created)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

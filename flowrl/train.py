@@ -114,7 +114,9 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
 
     m = cfg.model
     if m.init_from:
-        src = Path(m.init_from)
+        from flowrl.checkpoint import resolve_checkpoint
+
+        src = resolve_checkpoint(m.init_from)  # a run directory: its latest checkpoint
         if (src / "policy").is_dir():  # a trainer checkpoint
             src = src / "policy"
         # the run's settings replace the checkpoint's (the sizes must match its weights)
@@ -126,6 +128,14 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
             raise ConfigError(f"model.init_from={m.init_from}: the checkpoint does not take the run's model settings "
                               f"{over} (model.num_value_heads, algo.noise_min/noise_max/num_steps, "
                               f"model.overrides): {e}") from e
+        ignored = [f"model.{k}={v!r}" for k, v in (("config", m.config), ("variant", m.variant))
+                   if (k == "config" and v != "tiny") or (k == "variant" and v != policy.config.variant)]
+        if ignored:
+            import warnings
+
+            warnings.warn(f"model.init_from={m.init_from}: {', '.join(ignored)} ignored: the checkpoint's own "
+                          f"config is used ({policy.config.variant}, vlm_width {policy.config.vlm_width})",
+                          stacklevel=2)
         # float32 master copy whatever the checkpoint's dtype (a bf16 run saves bf16 Gemma weights):
         # DeepSpeed's bf16 mode casts it again, an fp32 run must not train bf16 parameters in place
         policy = policy.float().set_activation_checkpointing(m.activation_checkpointing)
@@ -314,6 +324,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         torch.set_rng_state(st["torch_rng"])
         start_iter, history = st["iteration"] + 1, st["history"]
         evals = st.get("evals", {})  # the evaluations before (and after SFT) of the first run
+        if start_iter >= total:
+            log(f"[flowrl] the checkpoint is at iteration {start_iter} of {total}: nothing left to train (raise "
+                "iterations to continue)")
         if rank == 0:  # lines of iterations run after this checkpoint (before a kill) are dropped: rerun now
             write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
         obs = env.observe() if hasattr(env, "observe") else env.reset()
@@ -361,23 +374,39 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         policy.train()
         t1 = time.perf_counter()
         agg: dict[str, list[float]] = {}
-        n_updates = processed = 0
+        # gradient accumulation: one optimizer step per ga consecutive minibatches, within the iteration (a
+        # window never straddles two rollouts or a checkpoint); a last partial window of r minibatches steps
+        # on their mean (losses scaled by ga/r: DeepSpeed divides each by ga)
+        ga = cfg.algo.grad_accum
+        count = algo.num_minibatches(batch)
+        tail = count % ga
+        n_mb = n_steps = processed = 0
         for mb in algo.minibatches(batch):
             loss, st = algo.loss(engine.module, mb)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: non-finite loss {float(loss)} ({st})")
+            n_mb += 1
+            boundary = n_mb % ga == 0 or n_mb == count
+            if ga > 1:
+                engine.set_gradient_accumulation_boundary(boundary)
+                if tail and n_mb > count - tail:
+                    loss = loss * (ga / tail)
             engine.backward(loss)
             engine.step()
-            if hasattr(algo, "after_step"):
-                algo.after_step()
-            n_updates += 1
+            if boundary:
+                n_steps += 1
+                if hasattr(algo, "after_step"):
+                    algo.after_step()
             processed += len(mb)
             for k, v in st.items():
                 agg.setdefault(k, []).append(float(v))
+        if n_mb != count:
+            raise RuntimeError(f"{type(algo).__name__}: minibatches() yielded {n_mb}, num_minibatches() said {count}")
         t_upd = time.perf_counter() - t1
         metrics = {k: sum(v) / len(v) for k, v in agg.items()}
         metrics.update({k: float(v) for k, v in batch.stats.items()})
         metrics.update(rollout_s=t_roll, update_s=t_upd, samples=float(len(batch)), lr=float(opt.param_groups[0]["lr"]),
+                       optimizer_steps=float(n_steps),
                        rollout_samples_per_s=len(batch) / max(t_roll, 1e-9),
                        update_samples_per_s=processed / max(t_upd, 1e-9),
                        rollout_fraction=t_roll / max(t_roll + t_upd, 1e-9))
@@ -460,8 +489,9 @@ def save_checkpoint(engine: Any, policy: Any, env: Any, algo: Algorithm, sft_alg
         state["sft_algo"] = sft_algo.state_dict()
     torch.save(state, buf)
     write_atomic(stage / f"trainer_rank{rank}.pt", buf.getvalue())
+    full = _gathered_state_dict(policy, rank) if cfg.zero_stage == 3 else None  # a collective: every rank
     if rank == 0:
-        policy.save_pretrained(str(stage / "policy"))
+        policy.save_pretrained(str(stage / "policy"), state_dict=full)
         if engine.module is not policy and cfg.zero_stage < 3:  # VLA-FPO: the latent actor + critics too
             from safetensors.torch import save_file
 
@@ -503,6 +533,23 @@ def _wandb_run(cfg: TrainConfig, run_dir: Path) -> Any:
                           "or WANDB_API_KEY), or use wandb=offline (`wandb sync` uploads later) or wandb=off") from e
 
 
+def _gathered_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a ZeRO-3 module on rank 0 (None elsewhere): each partitioned parameter is
+    gathered in turn (every rank takes part, in the same order), so at most one is whole at a time. Its
+    local tensors are empty outside the engine's forward: saving them wrote shape-(0,) weights."""
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if hasattr(t, "ds_id"):
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                if rank == 0:
+                    out[name] = t.detach().cpu().clone()
+        elif rank == 0:
+            out[name] = t.detach().cpu().clone()
+    return out if rank == 0 else None
+
+
 def _check_resume(ckpt: Path, cfg: TrainConfig, world: int, rank: int) -> None:
     """Before any work: the checkpoint has its files, was saved by as many ranks, and the config equals the
     one it was saved with (except :data:`~flowrl.config.RESUME_MAY_CHANGE`): a resumed run must continue
@@ -521,6 +568,11 @@ def _check_resume(ckpt: Path, cfg: TrainConfig, world: int, rank: int) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--resume: {ckpt / 'train_config.json'} is corrupt: {e}") from e
     changes = resume_changes(saved, cfg)
+    a = cfg.algo
+    annealed = a.lr_schedule != "constant" or (a.name in ("sft", "arfm") and a.sft_lr_schedule != "constant")
+    if saved.get("iterations", cfg.iterations) != cfg.iterations and annealed:
+        changes.append(f"iterations: {saved['iterations']!r} → {cfg.iterations!r} (the learning-rate schedule anneals "
+                       "over iterations: another count reshapes it from the checkpoint on)")
     if changes:
         raise ConfigError(f"--resume from {ckpt}: the config differs from the one the run was saved with: "
                           f"{'; '.join(changes)}. A resume continues the same training; only "

@@ -229,6 +229,69 @@ def test_run_dir_reuse_and_resume_checks(tmp_path):
         _run(tmp_path / "m", *common[:2], "checkpoint_every=0", "eval_episodes=0", "iterations=1")
 
 
+def test_grad_accum_steps_within_each_iteration(tmp_path):
+    """algo.grad_accum > 1 let DeepSpeed count micro-batches across iterations: with 2 minibatches per iteration
+    and grad_accum=4 no optimizer step was ever taken (the weights never moved), and windows straddled rollouts
+    and checkpoints. Now each iteration's minibatches form windows of grad_accum, the last one partial."""
+    common = ["algo.name=fpo", "algo.fpo_pairs=2", "checkpoint_every=0", "eval_episodes=0", "iterations=2"]
+    for extra, steps in ((["algo.grad_accum=4"], 1.0), (["algo.grad_accum=4", "algo.epochs=3"], 2.0),
+                         (["algo.grad_accum=2"], 1.0)):
+        res = _run(tmp_path / "_".join(extra).replace("=", ""), *common, *extra)
+        assert [h["optimizer_steps"] for h in res["history"]] == [steps, steps], (extra, res["history"])
+        assert all(h["policy_loss"] == h["policy_loss"] for h in res["history"])
+    # the weights move in the first iteration (they never did with grad_accum=4)
+    first = _run(tmp_path / "one", *common[:-1], "iterations=1", "algo.grad_accum=4", "checkpoint_every=1")
+    from flowrl.models import from_pretrained
+
+    before = build_fresh_policy(first["policy"].config)
+    after = from_pretrained(str(latest_checkpoint(tmp_path / "one") / "policy"))
+    moved = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert moved, "no weight changed after one iteration with grad_accum=4"
+
+
+def build_fresh_policy(config):
+    """The policy the trainer starts from (seed 0, as the runs above)."""
+    from flowrl.models import Pi0Policy
+
+    torch.manual_seed(0)
+    return Pi0Policy(config)
+
+
+def test_zero3_checkpoint_holds_the_full_weights(tmp_path):
+    """ZeRO-3 partitions every parameter above DeepSpeed's persistence threshold (1e5 elements): the policy was
+    saved from its empty local tensors, shape (0,), and the checkpoint could not be loaded or evaluated."""
+    from flowrl.models import from_pretrained
+
+    run = tmp_path / "z3"
+    res = _run(run, "algo.name=fpo", "algo.fpo_pairs=2", "checkpoint_every=1", "eval_episodes=0", "iterations=1",
+               "zero_stage=3", "model.overrides.expert_mlp_dim=2048")
+    p = from_pretrained(str(latest_checkpoint(run) / "policy"))
+    w = p.state_dict()["expert.layers.0.mlp.up_proj.weight"]
+    assert tuple(w.shape) == (2048, p.config.expert_width) and w.abs().sum() > 0
+    assert res["history"][0]["optimizer_steps"] == 2.0  # 8 chunks in minibatches of 4
+
+
+def test_init_from_run_dirs_and_resume_schedule_checks(tmp_path):
+    """model.init_from took only a checkpoint or policy directory (a run directory failed after DeepSpeed had
+    started); a resume with another iteration count silently reshaped an annealed learning-rate schedule."""
+    from flowrl.train import build_env, build_policy
+
+    run = tmp_path / "r"
+    common = ["algo.name=fpo", "algo.fpo_pairs=2", "checkpoint_every=1", "eval_episodes=0"]
+    _run(run, *common, "iterations=1", "algo.lr_schedule=linear")
+    for src in (run, run / "checkpoints"):
+        cfg = load_config(None, [f"run_dir={tmp_path / 'b'}", *TINY, f"model.init_from={src}"])
+        assert build_policy(cfg, build_env(cfg)).config.action_horizon == 10
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "not_a_policy").mkdir()
+    for src, msg in ((tmp_path / "empty_run", "has no complete checkpoint"),
+                     (tmp_path / "not_a_policy", "holds no model.safetensors")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [*TINY, f"model.init_from={src}"])
+    with pytest.raises(ConfigError, match="the learning-rate schedule anneals over iterations"):
+        _run(run, *common, "iterations=3", "algo.lr_schedule=linear", resume=True)
+
+
 # ---------------------------------------------------------------------------------------- 4. SIGKILL mid-run
 def test_sigkill_leaves_a_complete_checkpoint_and_resume_finishes(tmp_path):
     from flowrl.models import from_pretrained

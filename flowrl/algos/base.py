@@ -123,6 +123,12 @@ class Algorithm(abc.ABC):
             for s in range(0, n - mb + 1, mb):
                 yield batch.select(perm[s : s + mb])
 
+    def num_minibatches(self, batch: Batch) -> int:
+        """How many minibatches :meth:`minibatches` yields for ``batch`` (the trainer's gradient
+        accumulation windows are planned with it)."""
+        n = len(batch)
+        return self.cfg.epochs * (n // min(self.cfg.minibatch_size, n)) if n else 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state()}
 

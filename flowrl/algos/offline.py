@@ -93,6 +93,9 @@ class SFT(Algorithm):
                            "demo_success": float((self.data.data["ret"] > 0).float().mean())}
         return self.data, obs
 
+    def num_minibatches(self, batch: Batch) -> int:
+        return max(1, self.cfg.sft_steps)
+
     def minibatches(self, batch: Batch) -> Iterator[Batch]:
         steps = max(1, self.cfg.sft_steps)  # gradient steps per iteration
         n = len(batch)

@@ -1061,17 +1061,24 @@ class Pi0Policy(nn.Module):
 
     # ---------------------------------------------------------------- weights
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically
         (temp file in the same directory, then ``os.replace``). The safetensors metadata records a
-        SHA-256 digest of the weights, which :meth:`from_pretrained` checks."""
+        SHA-256 digest of the weights, which :meth:`from_pretrained` checks. ``state_dict``: the
+        weights to write instead of ``self.state_dict()`` (e.g. parameters gathered from ZeRO-3
+        partitions, whose local tensors are empty)."""
         from safetensors.torch import save_file
 
         from flowrl.models.weights import DIGEST_KEY, tensor_digest
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        own = self.state_dict()
+        if state_dict is not None and set(state_dict) != set(own):
+            missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+            raise ValueError(f"save_pretrained: state_dict keys differ from the policy's: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        state = {k: v.detach().contiguous() for k, v in (own if state_dict is None else state_dict).items()}
         meta = {"format": "pt", "flowrl": "pi0policy", DIGEST_KEY: tensor_digest(state)}
         _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p), metadata=meta))
         cfg = {"flowrl_policy": True, **self.config.to_dict()}
