@@ -22,6 +22,8 @@ classifier memorizes). A pick near the plain N(0, I) success means the good nois
 pattern in the state that this much data reveals, however high the best of M is.
 
 Prints one markdown row per checkpoint; ``--out`` appends the table (with commit, date, device) to a file.
+For a VLA-FPO checkpoint its frozen π0 is measured (the latent actor is not used: the question is how
+much π0's own noise matters).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def _load(checkpoint: Path, num_envs: int) -> tuple[Any, Any, Any]:
     if cfg.env.name != "reach":
         raise ValueError(f"{checkpoint}: only reaching-task runs are supported, got env {cfg.env.name!r}")
     cfg.env.num_envs = num_envs
+    if (checkpoint / "latent_actor.safetensors").is_file():  # the question is about π0's own noise
+        print(f"# {checkpoint}: a VLA-FPO checkpoint; its frozen π0 is measured, without the latent actor", flush=True)
     policy = from_pretrained(str(checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint)).eval()
     return cfg, policy, build_env(cfg, for_eval=True)
 
