@@ -308,12 +308,23 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     start_iter, history, evals = 0, [], {}
     obs = env.reset(seed=cfg.seed * 1000 + rank)
     if ckpt is not None:
+        # this rank's own file first (no collective): every rank learns whether any failed, and all exit alike
+        # (a rank whose file was corrupt used to exit while the others went on into a collective)
+        failed: Exception | None = None
+        try:
+            st = torch.load(ckpt / f"trainer_rank{rank}.pt", weights_only=False)
+        except Exception as e:  # torch.load's unpickling errors
+            failed = e
+        bad = _ranks_failing(failed is not None, rank, world)
+        if bad:
+            why = f"{type(failed).__name__}: {failed}" if failed is not None else f"rank(s) {bad} could not load theirs"
+            raise ConfigError(f"--resume: checkpoint {ckpt}: trainer_rank{{{','.join(map(str, bad))}}}.pt is "
+                              f"corrupt ({why})") from failed
         try:
             engine.load_checkpoint(str(ckpt), tag="ds")
-            st = torch.load(ckpt / f"trainer_rank{rank}.pt", weights_only=False)
-        except Exception as e:  # DeepSpeed's bare asserts, torch.load's unpickling errors, size mismatches
-            raise ConfigError(f"--resume: checkpoint {ckpt} is incomplete or corrupt, or does not fit this run's "
-                              f"model: {type(e).__name__}: {e}") from e
+        except Exception as e:  # DeepSpeed's bare asserts, size mismatches
+            raise ConfigError(f"--resume: checkpoint {ckpt}: its DeepSpeed state (ds/) is incomplete or corrupt, or "
+                              f"does not fit this run's model: {type(e).__name__}: {e}") from e
         try:
             env.load_state_dict(st["env"])
         except ValueError as e:  # e.g. the env's settings were changed between the runs
@@ -324,13 +335,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         torch.set_rng_state(st["torch_rng"])
         start_iter, history = st["iteration"] + 1, st["history"]
         evals = st.get("evals", {})  # the evaluations before (and after SFT) of the first run
-        if start_iter >= total:
-            log(f"[flowrl] the checkpoint is at iteration {start_iter} of {total}: nothing left to train (raise "
-                "iterations to continue)")
         if rank == 0:  # lines of iterations run after this checkpoint (before a kill) are dropped: rerun now
             write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
         obs = env.observe() if hasattr(env, "observe") else env.reset()
         log(f"[flowrl] resumed from {ckpt} at iteration {start_iter}")
+        if start_iter >= total:
+            hint = (" (raise iterations to continue)" if cfg.algo.lr_schedule == "constant" else
+                    " (its learning-rate schedule ends here; start a new run with model.init_from to train on)")
+            log(f"[flowrl] the checkpoint is at iteration {start_iter} of {total}: nothing left to train{hint}")
 
     writer = None
     if rank == 0 and cfg.tensorboard:  # validate() checked that tensorboard is installed
@@ -389,6 +401,11 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             boundary = n_mb % ga == 0 or n_mb == count
             if ga > 1:
                 engine.set_gradient_accumulation_boundary(boundary)
+                # ZeRO-3 counts a window's backward passes in engine.forward, which the algorithms bypass (they call
+                # the module): without this each backward overwrote the window's gradient instead of adding to it
+                clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+                if cfg.zero_stage == 3 and clear is not None:
+                    clear()
                 if tail and n_mb > count - tail:
                     loss = loss * (ga / tail)
             engine.backward(loss)
@@ -531,6 +548,17 @@ def _wandb_run(cfg: TrainConfig, run_dir: Path) -> Any:
     except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as e:
         raise ConfigError(f"wandb={cfg.wandb}: W&B did not start ({type(e).__name__}: {e}); log in (`wandb login` "
                           "or WANDB_API_KEY), or use wandb=offline (`wandb sync` uploads later) or wandb=off") from e
+
+
+def _ranks_failing(failed: bool, rank: int, world: int) -> list[int]:
+    """The ranks for which ``failed`` is True (a collective: every rank calls it)."""
+    if not torch.distributed.is_initialized() or world == 1:
+        return [rank] if failed else []
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    flags = torch.zeros(world, dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    flags[rank] = int(failed)
+    torch.distributed.all_reduce(flags)
+    return [r for r in range(world) if flags[r]]
 
 
 def _gathered_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
