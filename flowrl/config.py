@@ -162,8 +162,6 @@ def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """The keys (``a.b``) whose value in ``cfg`` differs from ``saved`` (a checkpoint's ``train_config.json``),
     except :data:`RESUME_MAY_CHANGE`, as ``"key: saved → now"``. Keys the saved file lacks (added later) are
     not compared."""
-    import dataclasses
-
     now = dataclasses.asdict(cfg)
     out: list[str] = []
 
@@ -345,8 +343,6 @@ _OWNED_POLICY_FIELDS = {
 def _check_model_overrides(overrides: dict[str, Any]) -> None:
     """``model.overrides`` names PolicyConfig fields the trainer does not set itself (checked before any work;
     a wrong name failed only when the policy was built)."""
-    import dataclasses
-
     from flowrl.models.config import PolicyConfig
 
     known = {f.name for f in dataclasses.fields(PolicyConfig)}

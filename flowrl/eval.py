@@ -133,22 +133,14 @@ def load_vla_fpo_noise(ckpt: Any, policy: Any, cfg: Any, env: Any = None) -> Any
     """
     from pathlib import Path
 
-    from safetensors import safe_open
-
-    from flowrl.models.weights import DIGEST_KEY, tensor_digest
+    from flowrl.models.weights import check_digest, read_safetensors
     from flowrl.train import build_algorithm
 
     path = Path(ckpt) / "latent_actor.safetensors"
     algo = build_algorithm(cfg)
     module = algo.trainable_module(policy, env)  # type: ignore[attr-defined]
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:  # safetensors' own error (header) or OSError (data)
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if DIGEST_KEY in meta and tensor_digest(state) != meta[DIGEST_KEY]:
-        raise ValueError(f"{path}: the weights do not match the SHA-256 digest recorded when they were saved "
-                         "(the file's tensor data is corrupt)")
+    state, meta = read_safetensors(path)
+    check_digest(path, state, meta)
     dev = next(policy.parameters()).device
     try:
         module.load_state_dict({k: v.to(dev) for k, v in state.items()})

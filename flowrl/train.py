@@ -510,13 +510,10 @@ def save_checkpoint(engine: Any, policy: Any, env: Any, algo: Algorithm, sft_alg
     if rank == 0:
         policy.save_pretrained(str(stage / "policy"), state_dict=full)
         if engine.module is not policy and cfg.zero_stage < 3:  # VLA-FPO: the latent actor + critics too
-            from safetensors.torch import save_file
-
-            from flowrl.models.weights import DIGEST_KEY, tensor_digest
+            from flowrl.models.weights import save_safetensors
 
             actor = {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}
-            save_file(actor, str(stage / "latent_actor.safetensors"),
-                      metadata={"format": "pt", DIGEST_KEY: tensor_digest(actor)})
+            save_safetensors(actor, stage / "latent_actor.safetensors", {"format": "pt"})
         write_atomic(stage / "train_config.json", json.dumps(_asdict(cfg), indent=1).encode())
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

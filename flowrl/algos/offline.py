@@ -97,9 +97,8 @@ class SFT(Algorithm):
         return max(1, self.cfg.sft_steps)
 
     def minibatches(self, batch: Batch) -> Iterator[Batch]:
-        steps = max(1, self.cfg.sft_steps)  # gradient steps per iteration
         n = len(batch)
-        for _ in range(steps):
+        for _ in range(self.num_minibatches(batch)):  # gradient steps per iteration
             idx = torch.randint(n, (min(self.cfg.sft_batch, n),), generator=self.gen)
             yield batch.select(idx)
 

@@ -270,10 +270,6 @@ class VLAFPO(Algorithm):
         self.window = [*self.window[-1:], batch]  # sliding window: this and the previous rollout
         return batch, obs
 
-    def num_minibatches(self, batch: Batch) -> int:
-        n_new = len(batch)
-        return self.cfg.epochs * (n_new // min(self.cfg.minibatch_size, n_new)) if n_new else 0
-
     def minibatches(self, batch: Batch) -> Iterator[Batch]:
         # the actor trains on the new rollout; the critic also sees the previous one
         both = Batch(batch.obs, {k: torch.cat([b.data[k] for b in self.window]) for k in batch.data}, batch.stats)

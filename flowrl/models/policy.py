@@ -422,12 +422,6 @@ class Pi0Policy(nn.Module):
         if obs.image_masks.shape != (B, C) or obs.image_masks.dtype != torch.bool:
             raise ValueError(f"Pi0Policy: obs.image_masks must be bool (B, C) = ({B}, {C}), got "
                              f"{obs.image_masks.dtype} {tuple(obs.image_masks.shape)}")
-        if value_checks_enabled(dev):  # valid cameras only: a masked camera may hold anything
-            lo, hi = host_min_max(torch.where(obs.image_masks[:, :, None, None, None], im, 0.0))
-            if not (-_IMAGE_BOUND <= lo and hi <= _IMAGE_BOUND):
-                raise ValueError(f"Pi0Policy: obs.images must lie in [-1, 1] (checked at ±{_IMAGE_BOUND}) on the "
-                                 f"valid cameras, got values in [{lo:.4g}, {hi:.4g}] (pixels in [0, 255]? use "
-                                 "x / 127.5 − 1; NaN?)")
         tok = obs.tokens
         if tok.dim() != 2 or tok.shape[0] != B:
             raise ValueError(f"Pi0Policy: obs.tokens must be (B, L) with B={B}, got {tuple(tok.shape)}")
@@ -530,6 +524,12 @@ class Pi0Policy(nn.Module):
         # images: only the valid (b, camera) pairs go through SigLIP
         img_valid = obs.image_masks
         sel = obs.images[img_valid]  # (n, 3, Hi, Wi); n is known after this one (syncing) selection
+        if value_checks_enabled(dev) and sel.shape[0]:  # valid cameras only: a masked camera may hold anything
+            lo, hi = host_min_max(sel)
+            if not (-_IMAGE_BOUND <= lo and hi <= _IMAGE_BOUND):
+                raise ValueError(f"Pi0Policy: obs.images must lie in [-1, 1] (checked at ±{_IMAGE_BOUND}) on the "
+                                 f"valid cameras, got values in [{lo:.4g}, {hi:.4g}] (pixels in [0, 255]? use "
+                                 "x / 127.5 − 1; NaN?)")
         if sel.shape[0] == 0:  # no camera in the whole batch (language only): SigLIP cannot run on 0 images
             img_emb = torch.zeros(B, C, T, W, device=dev)
         else:
@@ -1067,9 +1067,7 @@ class Pi0Policy(nn.Module):
         SHA-256 digest of the weights, which :meth:`from_pretrained` checks. ``state_dict``: the
         weights to write instead of ``self.state_dict()`` (e.g. parameters gathered from ZeRO-3
         partitions, whose local tensors are empty)."""
-        from safetensors.torch import save_file
-
-        from flowrl.models.weights import DIGEST_KEY, tensor_digest
+        from flowrl.models.weights import save_safetensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -1079,8 +1077,8 @@ class Pi0Policy(nn.Module):
             raise ValueError(f"save_pretrained: state_dict keys differ from the policy's: missing {missing[:5]}, "
                              f"unexpected {extra[:5]}")
         state = {k: v.detach().contiguous() for k, v in (own if state_dict is None else state_dict).items()}
-        meta = {"format": "pt", "flowrl": "pi0policy", DIGEST_KEY: tensor_digest(state)}
-        _atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p), metadata=meta))
+        meta = {"format": "pt", "flowrl": "pi0policy"}
+        _atomic_write(d / "model.safetensors", lambda p: save_safetensors(state, p, meta))
         cfg = {"flowrl_policy": True, **self.config.to_dict()}
         _atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
 

@@ -29,8 +29,8 @@ from flowrl.models.config import PolicyConfig
 if TYPE_CHECKING:
     from flowrl.models.policy import Pi0Policy
 
-__all__ = ["DIGEST_KEY", "KEY_ALIASES", "KEY_MAP", "CheckpointKeyError", "from_lerobot_state_dict", "load_policy",
-           "tensor_digest", "to_lerobot_state_dict"]
+__all__ = ["DIGEST_KEY", "KEY_ALIASES", "KEY_MAP", "CheckpointKeyError", "check_digest", "from_lerobot_state_dict",
+           "load_policy", "read_safetensors", "save_safetensors", "tensor_digest", "to_lerobot_state_dict"]
 
 #: safetensors metadata key of the SHA-256 digest that ``save_pretrained`` records (:func:`tensor_digest`).
 DIGEST_KEY = "flowrl_sha256"
@@ -53,6 +53,21 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the weights' :func:`tensor_digest` added to ``metadata``."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={**metadata, DIGEST_KEY: tensor_digest(state)})
+
+
+def check_digest(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], hint: str = "") -> None:
+    """A ValueError naming ``path`` when ``state`` (read from it) does not match the digest in its
+    ``metadata``; files without one pass."""
+    if DIGEST_KEY in metadata and tensor_digest(state) != metadata[DIGEST_KEY]:
+        raise ValueError(f"{path}: the weights do not match the SHA-256 digest recorded when they were saved: the "
+                         f"file's tensor data is corrupt (a disk or copy error); restore it from another copy{hint}")
 
 _PG = "paligemma_with_expert.paligemma.model."
 _EX = "paligemma_with_expert.gemma_expert.model."
@@ -220,19 +235,19 @@ def _infer_config(sd: dict[str, torch.Tensor], meta: dict[str, Any], variant: st
     return PolicyConfig(**fields)
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of ``path`` and its metadata; a missing, truncated or corrupt file is an error naming it."""
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of ``path`` (on the CPU) and its metadata; a missing, truncated or corrupt file is an
+    error naming it."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise FileNotFoundError(f"no model.safetensors in {path.parent} (a local checkpoint directory is required; "
+        raise FileNotFoundError(f"no {path.name} in {path.parent} (a local checkpoint directory is required; "
                                 "nothing is downloaded)")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError (header) or OSError/RuntimeError (data)
-        raise ValueError(f"from_pretrained: {path} is not a readable safetensors file (truncated or corrupt?): "
-                         f"{e}") from e
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
@@ -265,11 +280,9 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
     if not d.is_dir():
         raise FileNotFoundError(f"from_pretrained: {d} is not a local directory (no hub access)")
     meta = _read_config_json(d / "config.json")
-    raw, st_meta = _load_safetensors(d / "model.safetensors")
-    if verify and DIGEST_KEY in st_meta and tensor_digest(raw) != st_meta[DIGEST_KEY]:
-        raise ValueError(f"from_pretrained: {d / 'model.safetensors'}: the weights do not match the SHA-256 digest "
-                         "recorded when they were saved: the file's tensor data is corrupt (a disk or copy error); "
-                         "restore it from another copy (verify=False loads it anyway)")
+    raw, st_meta = read_safetensors(d / "model.safetensors")
+    if verify:
+        check_digest(d / "model.safetensors", raw, st_meta, " (verify=False loads it anyway)")
     hint = ""
     # the safetensors metadata says whose file it is: a config.json without the flowrl_policy marker (written by
     # hand from config.to_dict()) is still this project's, not a lerobot one to convert
