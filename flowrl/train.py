@@ -330,6 +330,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         except ValueError as e:  # e.g. the env's settings were changed between the runs
             raise ConfigError(f"--resume from {ckpt}: {e}") from e
         main_algo.load_state_dict(st["algo"])
+        policy.mark_weights_updated()  # DeepSpeed loaded the weights through .data
         if sft_algo is not None and "sft_algo" in st:
             sft_algo.load_state_dict(st["sft_algo"])
         torch.set_rng_state(st["torch_rng"])
@@ -412,6 +413,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             engine.step()
             if boundary:
                 n_steps += 1
+                if module is policy:  # DeepSpeed's ZeRO/bf16 optimizers write through .data: no version bump
+                    policy.mark_weights_updated()
                 if hasattr(algo, "after_step"):
                     algo.after_step()
             processed += len(mb)

@@ -288,6 +288,29 @@ def test_stale_cache_is_refused(policy):
         p.load_state_dict(policy.state_dict())
     with pytest.raises(ValueError, match="stale"):
         p.sample_actions(cache, num_steps=2, noise=noise)
+    # load_state_dict(assign=True) replaces the Parameter objects: the versions of the old ones never move again
+    cache = p.encode_prefix(obs)
+    p.load_state_dict({k: v.clone() for k, v in policy.state_dict().items()}, assign=True)
+    with pytest.raises(ValueError, match="stale"):
+        p.sample_actions(cache, num_steps=2, noise=noise)
+    cache = p.encode_prefix(obs)  # and the new Parameters are tracked: a step on them is seen
+    with torch.no_grad():
+        next(p.vlm.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="stale"):
+        p.sample_actions(cache, num_steps=2, noise=noise)
+    # writes through .data (DeepSpeed's ZeRO / bf16 optimizers) bump no version counter: mark_weights_updated
+    cache = p.encode_prefix(obs)
+    for q in p.vlm.parameters():
+        q.data.mul_(1.01)
+    p.sample_actions(cache, num_steps=2, noise=noise)  # unseen (the trainer marks after each step)
+    p.mark_weights_updated()
+    with pytest.raises(ValueError, match="stale"):
+        p.sample_actions(cache, num_steps=2, noise=noise)
+    cache = p.encode_prefix(obs)  # a failed strict load may have copied some tensors: stale too
+    with pytest.raises(RuntimeError, match="Missing key"):
+        p.load_state_dict({k: v for k, v in policy.state_dict().items() if "expert" not in k})
+    with pytest.raises(ValueError, match="stale"):
+        p.sample_actions(cache, num_steps=2, noise=noise)
     # another policy's cache (same sizes) is not checked: it is right when that policy's prefix weights are these
     q = copy.deepcopy(p)
     c = q.encode_prefix(obs)

@@ -268,6 +268,34 @@ def test_grad_accum_under_zero3_accumulates(tmp_path):
     assert upd > 0 and gap < 0.01 * upd, (gap, upd)
 
 
+def test_trainer_marks_the_policys_weights_updated_after_each_step(tmp_path, monkeypatch):
+    """DeepSpeed's ZeRO optimizers write the new weights through .data: no autograd version counter moves, so
+    the policy's stale-cache guard could not see an update made by the trainer's engine. The trainer declares
+    each optimizer step (and a resume's load) with mark_weights_updated."""
+    from flowrl.models import Pi0Policy
+
+    seen: list[tuple[int, int]] = []  # (plain version-counter sum, generation) at each call
+    orig = Pi0Policy.mark_weights_updated
+
+    def mark(self):
+        seen.append((sum(q._version for q in self.vlm.parameters()), self._weights_generation))
+        return orig(self)
+
+    monkeypatch.setattr(Pi0Policy, "mark_weights_updated", mark)
+    res = _run(tmp_path / "z1", "algo.name=fpo", "algo.fpo_pairs=2", "checkpoint_every=1", "eval_episodes=0",
+               "iterations=2", "zero_stage=1")
+    steps = int(sum(h["optimizer_steps"] for h in res["history"]))
+    assert steps == 4 and len(seen) == steps, (steps, seen)
+    assert len({v for v, _ in seen}) == 1, "DeepSpeed now bumps version counters: the marks may be redundant"
+    assert [g for _, g in seen] == list(range(steps))
+    seen.clear()
+    _run(tmp_path / "z1", "algo.name=fpo", "algo.fpo_pairs=2", "checkpoint_every=1", "eval_episodes=0",
+         "iterations=3", "zero_stage=1", resume=True)
+    # the resume's load (DeepSpeed's load_checkpoint calls load_state_dict, which marks; the trainer marks after
+    # it too, for the paths that write through .data), then the third iteration's two steps
+    assert len(seen) == 2 + 2, seen
+
+
 def build_fresh_policy(config):
     """The policy the trainer starts from (seed 0, as the runs above)."""
     from flowrl.models import Pi0Policy

@@ -161,9 +161,11 @@ class PrefixCache:
             (the VLM-side value head's input).
         encoder: ``id`` of the policy that encoded it, and ``weights_version`` the sum of the version
             counters of that policy's prefix weights (SigLIP, projector, embeddings, VLM; π0: also the
-            state projection and the expert, which the state token runs through) at encoding time.
-            That policy refuses the cache once an in-place update (an optimizer step,
-            ``load_state_dict``) has changed those weights: its K/V would be stale. ``None``: unchecked.
+            state projection and the expert, which the state token runs through) at encoding time, see
+            :meth:`Pi0Policy.prefix_weights_version`. That policy refuses the cache once an update (an
+            optimizer step, ``load_state_dict``, :meth:`Pi0Policy.mark_weights_updated`) has changed
+            those weights: its K/V would be stale. ``None``: unchecked. A cache used by a policy other
+            than its encoder is not checked for staleness (only for shape, dtype and variant).
         variant: ``"pi0"`` or ``"pi05"`` of the encoding policy (π0's cache ends with the state token).
             Any policy checks a cache's depth, KV heads, head dim, dtype and variant against its own.
     """
@@ -332,6 +334,7 @@ class Pi0Policy(nn.Module):
         self.value_expert = ValueEnsemble(We, c.value_hidden, c.value_heads)
         self._graphs: dict = {}
         self._prefix_params: tuple[torch.Tensor, ...] | None = None  # see prefix_weights_version
+        self._weights_generation = 0  # bumped by mark_weights_updated (updates the version counters miss)
 
     # ---------------------------------------------------------------- precision / devices
 
@@ -587,15 +590,40 @@ class Pi0Policy(nn.Module):
         )
 
     def prefix_weights_version(self) -> int:
-        """Sum of the version counters of the weights a :class:`PrefixCache` depends on (SigLIP,
-        projector, embeddings, VLM; π0: also ``state_proj`` and the expert). Every in-place update of
-        one of them (an optimizer step, ``load_state_dict``, ``copy_``) increases it; ~0.1 µs per tensor."""
+        """A number that changes whenever the weights a :class:`PrefixCache` depends on (SigLIP,
+        projector, embeddings, VLM; π0: also ``state_proj`` and the expert) may have changed: the sum
+        of their autograd version counters (every in-place update through autograd's view of a
+        tensor bumps it: a torch optimizer step, ``copy_``) plus a generation counter that
+        :meth:`mark_weights_updated` and ``load_state_dict`` advance. ~0.1 µs per tensor."""
         if self._prefix_params is None:
             mods = [self.vision_tower, self.projector, self.embed_tokens, self.vlm]
             if self.config.variant == "pi0":
                 mods += [self.state_proj, self.expert]
             self._prefix_params = tuple(q for m in mods for q in m.parameters())
-        return sum(q._version for q in self._prefix_params)
+        return (self._weights_generation << 48) + sum(q._version for q in self._prefix_params)
+
+    def mark_weights_updated(self) -> Pi0Policy:
+        """Declare that the weights changed by a path autograd's version counters do not see, so that
+        caches encoded before are refused as stale. Writes through ``param.data`` are such a path:
+        DeepSpeed's ZeRO and bf16 optimizers update the weights that way (the trainer calls this after
+        every optimizer step), as does code that assigns new Parameter objects. ``load_state_dict``
+        (also with ``assign=True``) calls it itself."""
+        self._weights_generation += 1
+        self._prefix_params = None  # Parameter objects may have been replaced
+        return self
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; caches encoded before become stale (see :meth:`mark_weights_updated`)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:  # a failed strict load may still have copied some tensors
+            self.mark_weights_updated()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to() / .cuda() / .half() may replace the Parameter objects (torch.__future__'s overwrite option);
+        # a cache on another device or in another dtype is refused by _as_cache's own checks
+        self._prefix_params = None
+        return super()._apply(fn, recurse)
 
     def _as_cache(self, obs_or_cache: Observation | PrefixCache) -> PrefixCache:
         if isinstance(obs_or_cache, PrefixCache):
@@ -620,9 +648,9 @@ class Pi0Policy(nn.Module):
                     and cache.weights_version != self.prefix_weights_version()):
                 raise ValueError("Pi0Policy: the PrefixCache is stale: the prefix weights (SigLIP, VLM"
                                  + (", state projection, expert" if self.config.variant == "pi0" else "")
-                                 + ") were updated in place after encode_prefix (an optimizer step or "
-                                 "load_state_dict); re-run encode_prefix(obs) (or set the cache's weights_version "
-                                 "to None to use it anyway)")
+                                 + ") were updated after encode_prefix (an optimizer step, load_state_dict or "
+                                 "mark_weights_updated); re-run encode_prefix(obs) (or set the cache's "
+                                 "weights_version to None to use it anyway)")
             return cache
         return self.encode_prefix(obs_or_cache)
 
