@@ -57,12 +57,13 @@ def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0) ->
 
 
 def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu",
-              pipeline_groups: int | None = None, for_eval: bool = False) -> Any:
+              pipeline_groups: int | None = None, for_eval: bool = False, world: int = 1) -> Any:
     """This rank's vectorized env: a :class:`~flowrl.envs.PipelinedEnv` of ``pipeline_groups``
     (default ``env.pipeline_groups``) sub-envs when that is > 1, holding consecutive global env
     indices (the same episodes as one env). ``for_eval``: an evaluation env, one group (``evaluate``
     steps every env at once, so groups would not overlap anything) and every env its own scene (no
-    GRPO groups), so every algorithm is evaluated on the same episodes."""
+    GRPO groups), so every algorithm is evaluated on the same episodes. ``world``: the number of ranks
+    (LIBERO spreads one init-state schedule over all of them)."""
     e = cfg.env
     groups = 1 if for_eval else e.pipeline_groups if pipeline_groups is None else pipeline_groups
     if groups < 1 or e.num_envs % groups:
@@ -87,8 +88,10 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
         from flowrl.envs.libero import LiberoEnv  # type: ignore[import-not-found]
 
         def sub(g: int) -> Any:
-            kw = {"num_envs": part, "env_offset": rank * e.num_envs + g * part} if groups > 1 else {}
-            return LiberoEnv.from_config(e, rank=rank, **kw)
+            kw: dict[str, Any] = {"num_envs": part, "env_offset": rank * e.num_envs + g * part} if groups > 1 else {}
+            if not for_eval and cfg.algo.name == "grpo":
+                kw["group_size"] = cfg.algo.group_size
+            return LiberoEnv.from_config(e, rank=rank, world=world, **kw)
 
         threaded = True  # LiberoEnv has a native step_async (workers step while the policy acts): no thread used
     else:
@@ -290,11 +293,15 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         import flowkernels
 
         flowkernels.set_value_checks(False)
-    env = build_env(cfg, rank, dev)
+    env = build_env(cfg, rank, dev, world=world)
     policy = build_policy(cfg, env).to(dev)
     main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank)
     sft_algo = build_algorithm(cfg, "sft", seed=cfg.seed + 1000 * rank + 1) if cfg.sft_iterations else None
     total = cfg.sft_iterations + cfg.iterations
+    # a GRPO env starts each group from one scene: the SFT warm-up's scripted expert would then record each demo
+    # group_size times; it collects from an env with a scene per env (as the evaluation env)
+    grouped = sft_algo is not None and cfg.algo.name == "grpo"
+    sft_env = build_env(cfg, rank, dev, for_eval=True, world=world) if grouped else env
     # VLA-FPO trains its own latent actor + Q-ensemble (π0 frozen); the others train the policy
     module = main_algo.trainable_module(policy, env) if hasattr(main_algo, "trainable_module") else policy
     opt = _optimizer(module, cfg)
@@ -306,7 +313,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     if ds_config["bf16"]["enabled"] and module is not policy:
         policy.set_precision(torch.bfloat16)
     start_iter, history, evals = 0, [], {}
-    obs = env.reset(seed=cfg.seed * 1000 + rank)
+    # reach: a rank's scenes come from its seed; LIBERO: env_offset places each rank in one global schedule of
+    # init states and MuJoCo seeds, which a per-rank seed would shift onto the neighbouring ranks' episodes
+    rank_seed = cfg.seed * 1000 + (0 if cfg.env.name == "libero" else rank)
+    obs = env.reset(seed=rank_seed)
     if ckpt is not None:
         # this rank's own file first (no collective): every rank learns whether any failed, and all exit alike
         # (a rank whose file was corrupt used to exit while the others went on into a collective)
@@ -361,7 +371,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     from flowrl.eval import evaluate
 
     def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
-        return build_env(cfg, rank, dev, for_eval=True)
+        return build_env(cfg, rank, dev, for_eval=True, world=world)
 
     result: dict[str, Any] = dict(evals)
     if cfg.eval_episodes and start_iter == 0:
@@ -376,13 +386,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
             policy.eval()
             result["eval_after_sft"] = evaluate(policy, eval_env(), cfg.eval_episodes,
                                                 cfg.seed + 77, cfg.algo.num_steps)
-            obs = env.reset(seed=cfg.seed * 1000 + rank + 1)
+            obs = env.reset(seed=rank_seed + 1)
             if rank == 0:
                 log(f"[flowrl] success after SFT: {result['eval_after_sft']['success_rate']:.3f}")
         opt.param_groups[0]["lr"] = offline_lr(cfg, it) if algo.name in ("sft", "arfm") else rl_lr(cfg, it)
         t0 = time.perf_counter()
         policy.eval()
-        batch, obs = algo.rollout(env, policy, obs)
+        batch, obs = algo.rollout(sft_env if algo is sft_algo else env, policy, obs)
         t_roll = time.perf_counter() - t0
         policy.train()
         t1 = time.perf_counter()

@@ -7,6 +7,7 @@ rendering to stay within a few minutes on a 2-core CPU (building a scene takes 5
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import signal
@@ -185,16 +186,13 @@ def test_libero_steps_natively_async_so_pipelines_use_no_threads():
 @needs_libero
 def test_libero_step_async_wait_equals_step(env):
     """step_async + step_wait runs the same episodes as step (2 workers, 4-step episodes, so every third chunk
-    starts from the automatic reset inside step_wait); misuse raises clear errors.
-
-    A reset's scene depends slightly on the simulator's state before it (up to ~4e-3 in the robot state
-    after the first reset of a fresh env), so both compared runs follow a warm-up run of the same chunks."""
+    starts from the automatic reset inside step_wait); misuse raises clear errors."""
     gen = torch.Generator().manual_seed(0)
     chunks = [(torch.rand(2, 2, 7, generator=gen) * 2 - 1) * 0.5 for _ in range(3)]
     old, env.max_episode_steps = env.max_episode_steps, 4
     try:
         runs = []
-        for split in (False, False, True):  # warm-up, step, step_async + step_wait
+        for split in (False, True):  # step, step_async + step_wait
             obs = env.reset(seed=5)
             steps = [obs]
             for a in chunks:
@@ -204,7 +202,7 @@ def test_libero_step_async_wait_equals_step(env):
                 else:
                     steps.append(env.step(a))
             runs.append(steps)
-        _, plain, split = runs
+        plain, split = runs
         assert [s.done.tolist() for s in plain[1:]] == [[False, False], [True, True], [False, False]]
         torch.testing.assert_close(plain[0].images, split[0].images, rtol=0, atol=0)
         for p, q in zip(plain[1:], split[1:]):
@@ -225,6 +223,25 @@ def test_libero_step_async_wait_equals_step(env):
             env.step_wait()
     finally:
         env.max_episode_steps = old
+
+
+@needs_libero
+def test_libero_reset_does_not_depend_on_the_previous_episode(env):
+    """robosuite keeps each gripper's last command in Python, and a reset without hard_reset kept it: the settle
+    steps after a reset (and the episode) differed with the previous episode's last gripper command (~1e-3 in
+    the state, visibly in the images). Two resets with the same seed give the same scene whatever ran before."""
+    obs = [env.reset(seed=5)]
+    close = torch.zeros(2, 2, 7)
+    close[..., 0], close[..., 6] = 0.5, 1.0  # move and close the gripper
+    for _ in range(3):
+        env.step(close)
+    obs.append(env.reset(seed=5))
+    for _ in range(2):
+        env.step(-close)  # open it
+    obs.append(env.reset(seed=5))
+    for o in obs[1:]:
+        torch.testing.assert_close(o.state, obs[0].state, rtol=0, atol=0)
+        torch.testing.assert_close(o.images, obs[0].images, rtol=0, atol=0)
 
 
 @needs_libero
@@ -256,7 +273,9 @@ def test_from_config_arguments():
     assert (suite, tasks) == ("libero_goal", [1, 2])
     assert kw["num_envs"] == 3 and kw["image_size"] == 128 and kw["chunk_steps"] == 4
     assert kw["max_episode_steps"] is None  # the suite's standard limit, not the reaching task's default
-    assert kw["env_offset"] == 6 and kw["seed"] == 2000
+    # every rank the same seed: env_offset places it in one global schedule of init states and MuJoCo seeds
+    assert kw["env_offset"] == 6 and kw["seed"] == 0 and kw["total_envs"] == 9
+    assert Capture.from_config(cfg, rank=1, world=4).args[2]["total_envs"] == 12
     cfg.max_episode_steps = 100
     assert Capture.from_config(cfg, rank=0, fast_render=True).args[2]["max_episode_steps"] == 100
 
@@ -267,7 +286,7 @@ def test_pinned_init_states_take_precedence_once():
 
     env = object.__new__(LiberoEnv)  # no workers: only the bookkeeping that picks init states
     env._closed = True  # nothing to close
-    env.num_envs, env.seed, env.env_offset, env._slots_per_task = 2, 5, 0, 1
+    env.num_envs, env.seed, env.env_offset, env._slots_per_task, env.group_size = 2, 5, 0, 1, 1
     env._slot, env._task_of, env._n_init = [0, 0], [3, 3], [50, 50]
     env.episode = np.zeros(2, dtype=np.int64)
     env._pinned = {}
@@ -282,6 +301,111 @@ def test_pinned_init_states_take_precedence_once():
         env.set_next_init([2], [0])
     with pytest.raises(ValueError, match="one each"):
         env.set_next_init([0, 1], [0])
+
+
+class _NoProc:
+    def join(self, timeout=None):
+        pass
+
+
+class _NoWorker:  # what LiberoEnv keeps of a worker, without the process (the scheduling state only)
+    def __init__(self, info):
+        self.info, self.pid, self.proc = info, None, _NoProc()
+
+    def kill(self):
+        pass
+
+
+@pytest.fixture
+def workerless(monkeypatch):
+    """LiberoEnv without worker processes or scenes: its episode schedule, seeds and checks."""
+    import flowrl.envs.libero as L
+
+    def start(self, idxs):
+        for i in idxs:
+            self._workers[i] = _NoWorker({"instruction": f"task {self._task_of[i]}", "num_init_states": 50})
+            self._n_init[i] = 50
+        return {}
+
+    monkeypatch.setattr(L.LiberoEnv, "_start", start)
+    monkeypatch.setattr(L, "libero_unavailable_reason", lambda gl=None: None)
+    monkeypatch.setattr(L, "select_gl_backend", lambda gl=None: "egl")
+    return L.LiberoEnv
+
+
+def _schedule(env, episodes):
+    """(init index, MuJoCo seed) of every env for episodes 0 .. episodes − 1."""
+    out = []
+    for k in range(episodes):
+        env.episode[:] = k
+        out.append([(env._init_index(i), env._episode_seed(i)) for i in range(env.num_envs)])
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libero") is None,
+                    reason="the libero package is not installed (its benchmark tables name the tasks)")
+def test_episode_schedule_is_global_and_groups_share_scenes(workerless, monkeypatch):
+    """Three schedule defects, on the bookkeeping alone (no worker, no scene):
+    - a GRPO group's members got MuJoCo seeds of their own, and the seed places LIBERO's fixtures (a cabinet
+      1.5 cm off): the group's members saw different scenes;
+    - envs split into pipeline groups or ranks spaced a task's episodes by their own slot count, so
+      init states repeated (2 pipeline groups: 2 and 3 twice, 8 and 9 never) and rank 0's second episodes
+      were rank 1's first; build_env now passes the global env count and every rank the same seed;
+    - build_env built LIBERO's GRPO env without its groups (the first rollout failed after start-up)."""
+    from flowrl.config import load_config
+    from flowrl.train import build_env
+
+    LiberoEnv = workerless
+    g = LiberoEnv("libero_spatial", task_ids=[0, 1], num_envs=8, group_size=2, image_size=S)
+    for ep in _schedule(g, 3):
+        assert all(ep[2 * k] == ep[2 * k + 1] for k in range(4)), ep  # a group: one init state, one seed
+        assert len(set(ep[::2])) == 4  # the groups differ
+    one = LiberoEnv("libero_spatial", task_ids=[0], num_envs=8, image_size=S)
+    whole = _schedule(one, 3)
+    assert len({x for ep in whole for x in ep}) == 24  # no init state or seed twice
+    base = ["env.name=libero", "env.suite=libero_spatial", "env.task_ids=[0]", "env.num_envs=4",
+            f"env.image_size={S}"]
+    pipe = build_env(load_config(None, [*base, "env.num_envs=8", "env.pipeline_groups=2"]))
+    assert [a + b for a, b in zip(_schedule(pipe.envs[0], 3), _schedule(pipe.envs[1], 3))] == whole
+    ranks = [build_env(load_config(None, base), rank=r, world=2) for r in (0, 1)]
+    assert [a + b for a, b in zip(*(_schedule(e, 3) for e in ranks))] == whole
+    assert ranks[0].seed == ranks[1].seed
+    grpo = build_env(load_config(None, [*base, "algo.name=grpo", "algo.group_size=2"]))
+    assert grpo.group_size == 2 and build_env(load_config(None, [*base, "algo.name=grpo", "algo.group_size=2"]),
+                                              for_eval=True).group_size == 1
+    for e in (g, one, pipe, *ranks, grpo):
+        e.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libero") is None,
+                    reason="the libero package is not installed (its benchmark tables name the tasks)")
+def test_nan_actions_are_refused_with_value_checks_off(workerless, monkeypatch):
+    """The trainer turns flowkernels' value checks off on a GPU, and the env's NaN check went with them: NaN
+    actions reached MuJoCo, which ran on with an unstable simulation. LiberoEnv has the actions on the host
+    anyway and always checks them."""
+    import flowkernels
+    import flowkernels._checks as checks
+
+    monkeypatch.setattr(checks, "_value_checks", checks._value_checks)  # restored after the test
+    flowkernels.set_value_checks(False)
+    env = workerless("libero_spatial", task_ids=[0], num_envs=2, image_size=S, chunk_steps=2)
+    env._started = True  # as after reset(), without a scene
+    a = torch.zeros(2, 2, 7)
+    a[1, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN \(rows \[1\]\)"):
+        env.step_async(a)
+    assert env._in_flight is None
+    env.close()
+
+
+@pytest.mark.parametrize("over", [["algo.name=sft"], ["algo.name=arfm"], ["algo.name=fpo", "sft_iterations=2"]])
+def test_libero_with_sft_is_a_config_error(over):
+    """SFT and ARFM learn from the scripted expert's demonstrations, which only the reach task has: on LIBERO
+    they failed after the workers, the policy and DeepSpeed had started."""
+    from flowrl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="scripted expert"):
+        load_config(None, ["env.name=libero", *over])
 
 
 @needs_libero

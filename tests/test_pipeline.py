@@ -109,6 +109,43 @@ def test_forwarded_attributes_and_bad_groups():
         PipelinedEnv([ReachEnv(4, chunk_steps=5), ReachEnv(4, chunk_steps=4, env_offset=4)])
 
 
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_bad_chunk_starts_no_group(threaded):
+    """NaN in the second group's rows: the first group had already stepped 5 steps (the other not), and without
+    a thread the next valid step failed with 'group 0 already has a step in flight'; the error named the row in
+    its group. The whole chunk is now checked before any group starts, with global rows."""
+    pe, ref = PipelinedEnv(_halves(2), threaded=threaded), ReachEnv(4)
+    _same_obs(pe.reset(seed=3), ref.reset(seed=3))
+    a = torch.full((4, 5, 2), 0.5)
+    bad = a.clone()
+    bad[3, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"PipelinedEnv.step: actions hold NaN \(rows \[3\]\)"):
+        pe.step(bad)
+    with pytest.raises(ValueError, match=r"shape \(B=4, H, A\)"):
+        pe.step(a[:3])
+    assert not any(pe._in_flight)
+    _same_step(pe.step(a), ref.step(a))  # nothing moved, and stepping goes on
+
+
+class _Tasks(ReachEnv):
+    """A reach env with per-env lists like LiberoEnv's (task_names, instructions)."""
+
+    def __init__(self, n: int, offset: int, names: list[str]) -> None:
+        super().__init__(n, env_offset=offset)
+        self.task_names = [names[(offset + i) % len(names)] for i in range(n)]
+        self.task_ids = [0, 1]  # a shared list that happens to have num_envs entries
+
+
+def test_per_env_lists_are_concatenated():
+    """Per-env lists came back from one group only (length num_envs / groups), as if shared, when the groups'
+    lists were equal."""
+    pe = PipelinedEnv([_Tasks(2, 0, ["a", "b"]), _Tasks(2, 2, ["a", "b"])])
+    assert pe.task_names == ["a", "b", "a", "b"]
+    assert pe.task_ids == [0, 1]  # not a per-env name: shared, as it was
+    pe = PipelinedEnv([_Tasks(2, 0, ["a", "b", "c"]), _Tasks(2, 2, ["a", "b", "c"])])
+    assert pe.task_names == ["a", "b", "c", "a"]
+
+
 # ---------------------------------------------------------------------------------------- the overlap
 class _Recording(VecEnv):
     """A constant env with a native async step that logs the order of calls."""

@@ -296,6 +296,20 @@ def test_trainer_marks_the_policys_weights_updated_after_each_step(tmp_path, mon
     assert len(seen) == 2 + 2, seen
 
 
+def test_sft_warm_up_of_a_grpo_run_collects_distinct_demos(tmp_path):
+    """A GRPO env starts every group from one scene, and the scripted expert then recorded each demonstration
+    group_size times (with an exact expert 1024 demo chunks held 256 distinct ones). The SFT warm-up now collects
+    from an env with a scene per env."""
+    run = tmp_path / "grpo_sft"
+    _run(run, "algo.name=grpo", "algo.group_size=4", "env.num_envs=8", "sft_iterations=1", "iterations=0",
+         "algo.sft_steps=1", "algo.num_demos=16", "env.max_episode_steps=10", "env.expert_quality=1.0",
+         "checkpoint_every=1", "eval_episodes=0")
+    st = torch.load(latest_checkpoint(run) / "trainer_rank0.pt", weights_only=False)
+    demos = st["sft_algo"]["data"]["data"]["actions"]
+    rows = {tuple(r.flatten().tolist()) for r in demos}
+    assert len(demos) >= 16 and len(rows) == len(demos), (len(rows), len(demos))
+
+
 def build_fresh_policy(config):
     """The policy the trainer starts from (seed 0, as the runs above)."""
     from flowrl.models import Pi0Policy

@@ -126,6 +126,10 @@ class _Scene:
         self.env.reset()
         self._configure_renderer()
         self.env.set_init_state(self.init_states[init_index % len(self.init_states)])
+        # robosuite keeps each gripper's last command in Python; neither reset() without hard_reset nor
+        # set_init_state clears it, so the settle steps (and the episode) depended on the previous episode
+        for robot in self.env.env.robots:
+            robot.gripper.current_action = np.zeros(robot.gripper.dof)
         success = False
         for _ in range(settle):
             _, _, done, _ = self.env.step(SETTLE_ACTION)

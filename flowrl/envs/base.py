@@ -210,8 +210,9 @@ class VecEnv(abc.ABC):
             return step, out
         raise AssertionError("unreachable")
 
-    def check_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        """Validate a chunk and cut it to ``(B, H', action_dim)`` float32 on the env's device."""
+    def check_actions(self, actions: torch.Tensor, to_env_device: bool = True) -> torch.Tensor:
+        """Validate a chunk and cut it to ``(B, H', action_dim)`` float32 on the env's device
+        (``to_env_device=False``: on the actions' own device, no copy to the host)."""
         if not isinstance(actions, torch.Tensor) or actions.dim() != 3:
             got = tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__
             raise ValueError(f"{type(self).__name__}.step: actions must have shape (B, H, A), got {got}")
@@ -225,7 +226,8 @@ class VecEnv(abc.ABC):
             raise ValueError(f"{type(self).__name__}.step: actions have {A} dims, the env needs {self.action_dim}")
         if not actions.is_floating_point():
             raise TypeError(f"{type(self).__name__}.step: actions must be floating point, got {actions.dtype}")
-        out = actions[:, : self.chunk_steps, : self.action_dim].detach().to(self.device, torch.float32)
+        out = actions[:, : self.chunk_steps, : self.action_dim].detach()
+        out = out.to(self.device, torch.float32) if to_env_device else out.float()
         if value_checks_enabled(out.device) and out.numel() and bool(torch.isnan(out).any()):
             # (±inf is clamped like any large action; NaN would pass clamp and poison the episode)
             raise ValueError(f"{type(self).__name__}.step: actions hold NaN (rows "

@@ -354,11 +354,15 @@ class LiberoEnv(VecEnv):
             used when present (else ``L`` and ``vocab_size`` given here).
         vocab_size, max_token_len: for the built-in tokenizers / a callable without attributes.
         seed: base seed; env ``i`` of episode ``k`` uses init state
-            ``(seed + slot_i + k·slots) mod n_init`` of its task and MuJoCo seed from ``(seed, i, k)``,
+            ``(seed + slot_i + k·slots) mod n_init`` of its task and MuJoCo seed from ``(seed, group of
+            i, k)``,
             unless :meth:`set_next_init` pinned that episode's init state.
         env_offset: global index of env 0 (``rank · num_envs`` across ranks: spreads tasks and
             init states over ranks).
-        group_size: consecutive envs sharing task and init state at each reset (GRPO groups).
+        group_size: consecutive envs sharing task, init state and MuJoCo seed at each reset (GRPO groups).
+        total_envs: the number of envs across every rank and pipeline group (``None``: ``env_offset +
+            num_envs``). The init-state schedule spaces a task's episodes by its global slot count, so
+            envs split into groups or ranks run the same episodes as one env of ``total_envs``.
         step_timeout, reset_timeout, start_timeout: seconds before a worker counts as hung.
         max_restarts: consecutive failed restarts of one worker before giving up (raises).
         gl_backend: ``egl | osmesa | None`` (auto: :func:`select_gl_backend`).
@@ -385,6 +389,7 @@ class LiberoEnv(VecEnv):
         seed: int = 0,
         env_offset: int = 0,
         group_size: int = 1,
+        total_envs: int | None = None,
         step_timeout: float = 120.0,
         reset_timeout: float = 180.0,
         start_timeout: float = 600.0,
@@ -448,7 +453,12 @@ class LiberoEnv(VecEnv):
         #: the LIBERO task name (bddl file stem) of each env's task
         self.task_names = [str(bench.get_task(t).name) for t in self._task_of]
         self._slot = [g // len(task_ids) for g in groups]
-        total_groups = -(-(self.env_offset + num_envs) // group_size)
+        total = self.env_offset + num_envs if total_envs is None else int(total_envs)
+        if total < self.env_offset + num_envs:
+            raise ValueError(f"LiberoEnv: total_envs={total_envs} is less than env_offset + num_envs = "
+                             f"{self.env_offset + num_envs}")
+        self.total_envs = total
+        total_groups = -(-total // group_size)
         self._slots_per_task = max(1, -(-total_groups // len(task_ids)))
         self.episode = np.zeros(num_envs, dtype=np.int64)
         self.t = np.zeros(num_envs, dtype=np.int64)
@@ -485,13 +495,14 @@ class LiberoEnv(VecEnv):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, env_cfg: Any, rank: int = 0, **kwargs: Any) -> LiberoEnv:
+    def from_config(cls, env_cfg: Any, rank: int = 0, world: int = 1, **kwargs: Any) -> LiberoEnv:
         """Build from :class:`flowrl.config.EnvConfig` (``name="libero"``).
 
         Uses ``suite``, ``task_ids``, ``num_envs``, ``chunk_steps``, ``image_size``; the suite's standard
         time limit unless ``max_episode_steps`` differs from the config's default (40, the reaching
         task's); optional fields ``fast_render``, ``settle_steps``, ``flip``, ``seed`` when the config
-        has them. Rank ``r`` gets ``env_offset = r·num_envs`` and seed ``seed + 1000·r``.
+        has them. Rank ``r`` of ``world`` gets ``env_offset = r·num_envs`` (its share of the global
+        init-state schedule and MuJoCo seeds; ``total_envs = world·num_envs``) and the same ``seed``.
         """
         from dataclasses import fields
 
@@ -505,7 +516,8 @@ class LiberoEnv(VecEnv):
             "image_size": int(env_cfg.image_size),
             "max_episode_steps": mes,
             "env_offset": int(rank) * int(env_cfg.num_envs),
-            "seed": int(getattr(env_cfg, "seed", 0)) + 1000 * int(rank),
+            "total_envs": max(int(world), int(rank) + 1) * int(env_cfg.num_envs),
+            "seed": int(getattr(env_cfg, "seed", 0)),
         }
         for name in ("fast_render", "settle_steps", "flip", "hard_reset", "tokenizer", "group_size"):
             if hasattr(env_cfg, name):
@@ -553,7 +565,10 @@ class LiberoEnv(VecEnv):
     def _episode_seed(self, i: int) -> int:
         if i in self._pinned and self._pinned[i][1] is not None:
             return int(self._pinned[i][1]) % (2**31)
-        return (self.seed * 1_000_003 + (self.env_offset + i) * 65_537 + int(self.episode[i])) % (2**31)
+        # per GRPO group, not per env: the seed places LIBERO's fixtures (no free joint: the init state does not
+        # set them), so the members of a group would see different scenes
+        g = (self.env_offset + i) // self.group_size
+        return (self.seed * 1_000_003 + g * 65_537 + int(self.episode[i])) % (2**31)
 
     def set_next_init(self, env_ids: Sequence[int], init_indices: Sequence[int],
                       seeds: Sequence[int] | None = None) -> None:
@@ -720,6 +735,10 @@ class LiberoEnv(VecEnv):
             raise RuntimeError("LiberoEnv.step_async: a step is already in flight; collect it with step_wait() "
                                "before starting another")
         a = self.check_actions(actions).detach().cpu().numpy().astype(np.float32)
+        if np.isnan(a).any():  # on the host already (check_actions skips it on a GPU with value checks off)
+            rows = np.isnan(a).reshape(len(a), -1).any(1).nonzero()[0].tolist()[:8]
+            raise ValueError(f"LiberoEnv.step: actions hold NaN (rows {rows}); MuJoCo would run on with an unstable "
+                             "simulation")
         try:
             self._in_flight = self._send_step(a)
         except KeyboardInterrupt:

@@ -191,8 +191,15 @@ class PipelinedEnv(VecEnv):
         return [actions[s] for s in self.slices]
 
     def step_async(self, actions: torch.Tensor) -> None:
-        for g, a in enumerate(self._split(actions)):
-            self._start(g, a)
+        parts = self._split(actions)
+        # the whole chunk before any group starts (and global row numbers in the error)
+        self.check_actions(actions, to_env_device=False)
+        try:
+            for g, a in enumerate(parts):
+                self._start(g, a)
+        except BaseException:
+            self._drain()  # a later group failed to start: collect the earlier ones, leave nothing in flight
+            raise
 
     def step_wait(self) -> ChunkStep:
         if not any(self._in_flight):
@@ -259,6 +266,8 @@ class PipelinedEnv(VecEnv):
         return _combine(name, vals, envs)
 
 
+#: list attributes with one entry per env (concatenated over the groups, never taken as shared)
+PER_ENV_LISTS = ("task_of_env", "task_names", "instructions", "num_init_states", "worker_pids")
 #: methods forwarded to every sub-env (none takes env indices): results concatenated
 FORWARDED_METHODS = ("observe", "expert_actions", "optimal_steps", "set_expert_quality")
 
@@ -275,6 +284,9 @@ def _combine(name: str, vals: list[Any], envs: list[VecEnv]) -> Any:
     v0 = vals[0]
     if all(v is None for v in vals):
         return None
+    if name in PER_ENV_LISTS and all(isinstance(v, (list, tuple)) and len(v) == e.num_envs
+                                     for v, e in zip(vals, envs)):
+        return [x for v in vals for x in v]
     if isinstance(v0, EnvObs):
         return cat_obs(vals)
     if isinstance(v0, ChunkStep):
