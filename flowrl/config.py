@@ -100,7 +100,8 @@ class AlgoConfig:
     fpo_ratio: str = "per_sample"  # mean | per_sample
     fpo_clamp: float = 3.0
     fpo_clip: float = 0.05
-    fpo_spo: bool = False
+    fpo_spo: bool = False  # the trust region in SPO's penalty form (spo_advantages says for which samples)
+    spo_advantages: str = "all"  # all: SPO for every sample | negative: FPO++'s asymmetric form (PPO's clip for Â ≥ 0)
     # Flow-SDE / Flow-Noise
     noise_level: float = 0.5
     noise_min: float = 0.08
@@ -453,11 +454,17 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"algo.sft_lr_schedule must be constant or cosine, got {a.sft_lr_schedule!r}")
     if a.critic_side not in ("auto", "expert", "vlm"):
         raise ConfigError(f"algo.critic_side must be auto, expert or vlm, got {a.critic_side!r}")
+    if a.spo_advantages not in ("all", "negative"):
+        raise ConfigError(f"algo.spo_advantages must be all or negative, got {a.spo_advantages!r}")
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):
         raise ConfigError(f"algo.grpo_likelihood must be fpo, flow_noise or flow_sde, got {a.grpo_likelihood!r}")
     if a.name == "vla_fpo" and cfg.sft_iterations:
         raise ConfigError("sft_iterations > 0 does not combine with vla_fpo (π0 stays frozen): run SFT first and "
                           "pass its checkpoint as model.init_from")
+    if cfg.env.name == "libero" and (a.name in ("sft", "arfm") or cfg.sft_iterations):
+        raise ConfigError(f"{'sft_iterations > 0' if cfg.sft_iterations else 'algo.name=' + a.name} needs the scripted "
+                          "expert's demonstrations of env.name=reach; LIBERO has none here (train on a LIBERO "
+                          "dataset elsewhere and pass the checkpoint as model.init_from)")
     if cfg.model.activation_checkpointing not in ("none", "vlm", "expert", "all"):
         raise ConfigError(f"model.activation_checkpointing must be none, vlm, expert or all, got "
                           f"{cfg.model.activation_checkpointing!r}")

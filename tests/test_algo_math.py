@@ -189,6 +189,33 @@ def test_fpo_surrogate_has_no_dual_clip_and_ppo_normalizes():
     torch.testing.assert_close(g, -L.normalize(batch.data["adv"]) / len(batch))
 
 
+def test_spo_for_all_samples_or_only_negative_advantages():
+    """docs/design.md §1 names SPO as FPO++'s asymmetric option for negative advantages; fpo_spo applied it to every
+    sample (positive advantages lost PPO's clip), which stays the default (the tables' setting) and is now said
+    so. spo_advantages=negative is the asymmetric form: at ρ = 1.5, ε = 0.05, Â = ±1 the gradients w.r.t. ρ are
+    [4.5, 5.5] (SPO for all), [0.0, 5.5] (asymmetric) and [0.0, 0.5] for PPO's clip."""
+    adv = torch.tensor([1.0, -1.0])
+    grads = {}
+    for mode in ("all", "negative", "ppo"):
+        r = torch.full((2,), 1.5, requires_grad=True)
+        loss = L.ppo_policy_loss(r, adv, 0.05, None)[0] if mode == "ppo" else L.spo_policy_loss(r, adv, 0.05, mode)
+        (grads[mode],) = torch.autograd.grad(loss, r)  # the loss is −mean(objective)
+    assert grads["all"].tolist() == [4.5, 5.5] and grads["negative"].tolist() == [0.0, 5.5]
+    assert grads["ppo"].tolist() == [0.0, 0.5]
+    with pytest.raises(ValueError, match="'all' or 'negative'"):
+        L.spo_policy_loss(torch.ones(2), adv, 0.05, "positive")
+    # through FPO's loss: ρ = 4 per pair, Â > 0 clipped (no gradient) with the asymmetric form, not with SPO for all
+    batch, g = _surrogate_grad("fpo", 4.0, fpo_spo=True, spo_advantages="negative")
+    adv = L.normalize(batch.data["adv"])[:, None].expand_as(g)
+    assert (adv > 0).any() and (g[adv > 0] == 0).all() and (g[adv < 0] != 0).all()
+    batch, g = _surrogate_grad("fpo", 4.0, fpo_spo=True)
+    assert (g[adv > 0] != 0).all()
+    from flowrl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="spo_advantages"):
+        load_config(None, ["algo.spo_advantages=some"])
+
+
 def test_value_clip_is_per_head_and_gae_uses_the_ensemble_min():
     """Each value head's clip window is centred on its own rollout value; GAE's baseline is the min."""
     batch, _ = _surrogate_grad("flow_sde_ppo", 1.0)

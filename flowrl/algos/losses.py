@@ -129,13 +129,26 @@ def ppo_policy_loss(
     return -obj.mean(), stats
 
 
-def spo_policy_loss(ratio: torch.Tensor, adv: torch.Tensor, clip: float = 0.05) -> torch.Tensor:
-    """The SPO form ``−mean(ρ·Â − |Â|/(2ε)·(ρ − 1)²)`` (FPO++'s option for negative advantages)."""
+def spo_policy_loss(ratio: torch.Tensor, adv: torch.Tensor, clip: float = 0.05,
+                    advantages: str = "all") -> torch.Tensor:
+    """SPO's penalty form of the trust region, ``−mean(ρ·Â − |Â|/(2ε)·(ρ − 1)²)``.
+
+    Args:
+        ratio, adv: ``(n,)`` (or any equal shapes) ratios and advantages.
+        advantages: ``"all"``: the SPO form for every sample; ``"negative"``: FPO++'s asymmetric form,
+            SPO for ``Â < 0`` and PPO's clipped ``min(ρ·Â, clip(ρ, 1 ± ε)·Â)`` for ``Â ≥ 0``.
+    """
     _same_shape("spo_policy_loss", nonempty=True, ratio=ratio, adv=adv)
     ratio, adv = _float(ratio), _float(adv)
     if not clip > 0:
         raise ValueError(f"spo_policy_loss: clip must be > 0, got {clip}")
-    return -(ratio * adv - adv.abs() / (2 * clip) * (ratio - 1) ** 2).mean()
+    if advantages not in ("all", "negative"):
+        raise ValueError(f"spo_policy_loss: advantages must be 'all' or 'negative', got {advantages!r}")
+    obj = ratio * adv - adv.abs() / (2 * clip) * (ratio - 1) ** 2
+    if advantages == "negative":
+        ppo = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+        obj = torch.where(adv < 0, obj, ppo)
+    return -obj.mean()
 
 
 def value_loss(

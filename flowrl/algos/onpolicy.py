@@ -110,7 +110,7 @@ class OnPolicy(Algorithm):
         if ratio.dim() == 2:  # FPO's per-sample ratios (n, N) share their chunk's advantage
             adv = adv[:, None].expand_as(ratio)
         if getattr(self, "spo", False):
-            pl = L.spo_policy_loss(ratio, adv, self.clip)
+            pl = L.spo_policy_loss(ratio, adv, self.clip, self.cfg.spo_advantages)
             pstats = {"clip_frac": ((ratio - 1).abs() > self.clip).float().mean(), "ratio_mean": ratio.mean().detach()}
         else:
             pl, pstats = L.ppo_policy_loss(ratio, adv, self.clip, self.cfg.dual_clip if self.dual_clip_ok else None)

@@ -292,7 +292,7 @@ class VLAFPO(Algorithm):
         ratio = vla_ratio(delta, self.cfg.vla_beta, self.cfg.vla_ratio, self.cfg.fpo_clamp)
         adv = L.normalize(d["adv"])
         if self.cfg.vla_clip and self.cfg.vla_spo:
-            pl = L.spo_policy_loss(ratio, adv, self.cfg.clip)
+            pl = L.spo_policy_loss(ratio, adv, self.cfg.clip, self.cfg.spo_advantages)
             pst = {"clip_frac": ((ratio - 1).abs() > self.cfg.clip).float().mean(), "ratio_mean": ratio.mean().detach()}
         elif self.cfg.vla_clip:
             pl, pst = L.ppo_policy_loss(ratio, adv, self.cfg.clip, None)  # FPO's surrogate: no dual clip
