@@ -3,8 +3,11 @@ torch.compile, at the shapes of real use (H 50, D 32, K 10, N 8; B 1 … 1024).
 
 Reports median time with 20/80% quantiles, effective bandwidth from the *minimum* bytes each
 op must move (every input read once, every output written once; see flowkernels/ops/reference.py)
-and, on a GPU, the fraction of the device-copy bandwidth measured in the same run, plus peak
-memory. Rows are appended to benchmarks/RESULTS.md with device, commit and date.
+and the fraction of the device-copy bandwidth measured in the same run, plus, on a GPU, the memory
+a call allocates. On a GPU the L2 cache is flushed before every timed call (outside the timed
+events), so inputs come from DRAM like the copy they are compared with. The torch.compile provider
+runs after every other provider (its compiles take most of the time), so a time limit cuts it
+first. Each run appends its own dated block to benchmarks/RESULTS.md, row by row as measured.
 
     python benchmarks/bench_ops.py                  # CPU default set (C++ vs torch eager/compile)
     python benchmarks/bench_ops.py --batches 256 --ops chain_logprob --no-compile
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import platform
 import statistics
 import subprocess
@@ -113,16 +117,38 @@ def _device_name(dev: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def _time(fn: Callable[[], object], dev: str, min_reps: int = 5, budget_s: float = 1.0) -> list[float]:
-    """Milliseconds per call, after warm-up; CUDA timed with events."""
+_L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 (H100/H200: 50-60 MiB)
+_l2_buffers: dict[str, torch.Tensor] = {}
+
+
+def l2_flush_buffer(dev: str) -> torch.Tensor | None:
+    """The buffer zeroed to evict the L2 cache before a timed CUDA call (allocated once); None on CPU."""
+    if dev != "cuda":
+        return None
+    key = f"cuda:{torch.cuda.current_device()}"
+    if key not in _l2_buffers:
+        _l2_buffers[key] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    return _l2_buffers[key]
+
+
+def _time(fn: Callable[[], object], dev: str, min_reps: int = 5, budget_s: float = 1.0, *,
+          flush_l2: bool = False) -> list[float]:
+    """Milliseconds per call, after warm-up; CUDA timed with events.
+
+    ``flush_l2``: on CUDA, zero a 256 MiB buffer before every timed call, outside the event pair, so
+    the call reads its inputs from DRAM rather than from an L2 left warm by the previous rep (no-op on CPU).
+    """
     for _ in range(3):
         fn()
     if dev == "cuda":
+        flush = l2_flush_buffer(dev) if flush_l2 else None
         torch.cuda.synchronize()
         times = []
         t_end = time.perf_counter() + budget_s
         while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 200):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if flush is not None:
+                flush.zero_()  # queued before s: the events time fn only
             s.record()
             fn()
             e.record()
@@ -154,6 +180,71 @@ def quantiles(ts: list[float]) -> tuple[float, float, float]:
     return q(0.5), q(0.2), q(0.8)
 
 
+def _reason(e: BaseException) -> str:
+    """One line saying why a measurement failed, safe inside a markdown table cell."""
+    msg = str(e).splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}".replace("|", "/").strip()
+
+
+def release_cuda(dev: str) -> None:
+    """After a failed measurement on CUDA: give the cached blocks back (a later, smaller shape may fit)."""
+    if dev != "cuda":
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # a sticky CUDA error: nothing left to save, the next calls report it
+        pass
+    try:
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def _cell(x: object) -> str:
+    return str(x).replace("|", "/").replace("\n", " ").strip()
+
+
+class ResultsBlock:
+    """One run's block at the end of a results file: a dated ``###`` heading, a paragraph saying what the
+    columns mean and the table header, written with the first row (a run that measures nothing leaves
+    nothing), then every row appended as it is measured and the file closed, so a run killed by a time
+    limit keeps what it measured. ``path=None`` records nothing."""
+
+    def __init__(self, path: Path | None, heading: str, paragraph: str, columns: list[str]):
+        self.path, self.heading, self.paragraph, self.columns = path, heading, paragraph, list(columns)
+        self.n_rows = 0
+        self._started = False
+
+    def _append(self, text: str) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(text)
+
+    def start(self) -> None:
+        if self.path is None or self._started:
+            return
+        old = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        lead = "" if not old or old.endswith("\n\n") else "\n" if old.endswith("\n") else "\n\n"
+        self._append(f"{lead}{self.heading}\n\n{self.paragraph}\n\n| {' | '.join(self.columns)} |\n"
+                     f"|{'---|' * len(self.columns)}\n")
+        self._started = True
+
+    def add(self, cells: list[object]) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{len(cells)} cells for {len(self.columns)} columns: {cells}")
+        if self.path is None:
+            return
+        self.start()
+        self._append(f"| {' | '.join(_cell(c) for c in cells)} |\n")
+        self.n_rows += 1
+
+
+def _fmt(x: float, spec: str, suffix: str = "") -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:{spec}}{suffix}"
+
+
+COLUMNS = ["op", "B", "provider", "median ms", "p20", "p80", "GB/s", "% copy BW", "vs torch eager", "peak MB"]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -182,64 +273,103 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"--batches must be >= 1 (got {batches}) and --budget > 0 (got {args.budget})")
     fk.set_value_checks(False)  # production setting: no host syncs for value checks
     kernels = [b for b in fk.available_backends(dev) if b not in ("torch",) and not (b == "triton" and dev == "cpu")]
-    providers = ["eager", *([] if args.no_compile else ["compile"]), *kernels]
+    providers = ["eager", *kernels]
+    late = [] if args.no_compile else ["compile"]  # compiles take most of the time: after everything else
+    flush_l2 = dev == "cuda"
+    l2_flush_buffer(dev)  # allocated once, before any memory statistics
     bw = copy_bandwidth(dev)
     device_name = _device_name(dev)
-    print(f"# device: {device_name}; copy bandwidth {bw:.1f} GB/s; dtype {str(dtype).replace('torch.', '')}; "
-          f"providers: {providers}", flush=True)
-    rows = []
-    hdr = f"{'op':<18} {'B':>5} {'provider':<8} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>8} {'%copy':>6} " \
-          f"{'vs eager':>8} {'peak MB':>8}"
-    print(hdr)
-    for name in args.ops.split(","):
-        case = CASES[name]
-        for B in batches:
-            inputs = case.make(B, dtype, dev)
-            nbytes = case.bytes_moved(B, torch.finfo(dtype).bits // 8)
-            eager_ms = None
-            for prov in providers:
-                run = case.run
-                if prov == "eager":
-                    fn = lambda a=inputs, run=run: run(a, "torch")  # noqa: E731
-                elif prov == "compile":
-                    torch._dynamo.reset()
-                    compiled = torch.compile(lambda a, run=run: run(a, "torch"), dynamic=False)
-                    fn = lambda a=inputs, c=compiled: c(a)  # noqa: E731
-                else:
-                    fn = lambda a=inputs, be=prov, run=run: run(a, be)  # noqa: E731
-                if dev == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                med, p20, p80 = quantiles(_time(fn, dev, budget_s=args.budget))
-                peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else float("nan")
-                eager_ms = med if prov == "eager" else eager_ms
-                gbs = nbytes / (med * 1e-3) / 1e9
-                row = dict(op=name, B=B, provider=prov, median_ms=med, p20=p20, p80=p80, gbs=gbs,
-                           frac_copy=gbs / bw, speedup=eager_ms / med, peak_mb=peak)
-                rows.append(row)
-                print(f"{name:<18} {B:>5} {prov:<8} {med:>10.4f} {p20:>8.4f} {p80:>8.4f} {gbs:>8.2f} "
-                      f"{100 * gbs / bw:>5.1f}% {eager_ms / med:>7.2f}x {peak:>8.1f}", flush=True)
-    if not args.no_record:
-        record(rows, device_name, bw, dtype)
+    dt = str(dtype).replace("torch.", "")
+    print(f"# device: {device_name}; copy bandwidth {bw:.1f} GB/s; dtype {dt}; providers: {providers + late}"
+          f"{'; L2 flushed before every timed call' if flush_l2 else ''}", flush=True)
+    date = _dt.date.today().isoformat()
+    copy_mib = 256 if dev == "cuda" else 64
+    paragraph = (
+        f"Fused flow ops (benchmarks/bench_ops.py), H {H}, D {D}, K {K}, N {N}. `median ms` (p20, p80) per call; "
+        "GB/s from the minimum bytes the op must move (each input read once, each output written once); "
+        f"`% copy BW` compares that with a {copy_mib} MiB device copy timed in this run ({bw:.0f} GB/s); "
+        "`vs torch eager` = eager's median / this row's. `eager` is `backend=\"torch\"` (flowkernels' readable "
+        "torch path), `compile` that path under torch.compile (measured after all other providers), the "
+        "others the kernels. "
+        + ("The L2 cache is flushed (a 256 MiB buffer zeroed) before every timed call, outside the timed "
+           "events, so inputs come from DRAM like the copy's. `peak MB`: memory a call allocates above its "
+           "inputs. " if dev == "cuda" else "No L2 flush on CPU; `peak MB` is GPU-only. ")
+        + "A provider that fails at a shape has a `skipped:` row giving the reason.")
+    block = None if args.no_record else ResultsBlock(
+        RESULTS, f"### bench_ops ({date}, {_commit()}, {device_name}, {dt})", paragraph, COLUMNS)
+    rows: list[dict] = []
+    eager_ms: dict[tuple[str, int], float] = {}
+    print(f"{'op':<18} {'B':>5} {'provider':<8} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>8} {'%copy':>6} "
+          f"{'vs eager':>8} {'peak MB':>8}")
+
+    def skip(name: str, B: int, prov: str, why: str) -> None:
+        print(f"{name:<18} {B:>5} {prov:<8} skipped: {why}", flush=True)
+        if block is not None:
+            block.add([name, B, prov, f"skipped: {why}", "", "", "", "", "", ""])
+
+    for pass_providers in (providers, late):
+        for name in args.ops.split(",") if pass_providers else []:
+            case = CASES[name]
+            for B in batches:
+                try:
+                    inputs = case.make(B, dtype, dev)
+                except Exception as e:  # e.g. out of memory at the largest B
+                    why = _reason(e)
+                    release_cuda(dev)
+                    for prov in pass_providers:
+                        skip(name, B, prov, why)
+                    continue
+                nbytes = case.bytes_moved(B, torch.finfo(dtype).bits // 8)
+                for prov in pass_providers:
+                    why = None
+                    try:
+                        med, p20, p80, peak = _measure(case, inputs, prov, dev, args.budget, flush_l2)
+                    except Exception as e:  # a provider that cannot run this shape here: recorded, not fatal
+                        why = _reason(e)
+                    if why is not None:
+                        release_cuda(dev)
+                        skip(name, B, prov, why)
+                        continue
+                    if prov == "eager":
+                        eager_ms[name, B] = med
+                    ref = eager_ms.get((name, B))
+                    speedup = ref / med if ref else float("nan")
+                    gbs = nbytes / (med * 1e-3) / 1e9
+                    row = dict(op=name, B=B, provider=prov, median_ms=med, p20=p20, p80=p80, gbs=gbs,
+                               frac_copy=gbs / bw, speedup=speedup, peak_mb=peak)
+                    rows.append(row)
+                    print(f"{name:<18} {B:>5} {prov:<8} {med:>10.4f} {p20:>8.4f} {p80:>8.4f} {gbs:>8.2f} "
+                          f"{100 * gbs / bw:>5.1f}% {_fmt(speedup, '7.2f', 'x'):>8} {_fmt(peak, '.1f'):>8}", flush=True)
+                    if block is not None:
+                        block.add([name, B, prov, f"{med:.4f}", f"{p20:.4f}", f"{p80:.4f}", f"{gbs:.2f}",
+                                   f"{100 * gbs / bw:.1f}%", _fmt(speedup, ".2f", "x"), _fmt(peak, ".1f")])
+                del inputs
+    if block is not None:
+        print(f"appended {block.n_rows} rows to {RESULTS}")
     return rows
 
 
-def record(rows: list[dict], device_name: str, bw: float, dtype: torch.dtype) -> None:
-    date = _dt.date.today().isoformat()
-    commit = _commit()
-    lines = []
-    if not RESULTS.exists() or "## bench_ops" not in RESULTS.read_text():
-        lines += ["", "## bench_ops", "",
-                  "| date | commit | device | dtype | op | B | provider | median ms | p20 | p80 | GB/s | % copy BW "
-                  "| vs torch eager |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dt = str(dtype).replace("torch.", "")
-    for r in rows:
-        lines.append(f"| {date} | {commit} | {device_name} (copy {bw:.0f} GB/s) | {dt} | {r['op']} | {r['B']} | "
-                     f"{r['provider']} | {r['median_ms']:.4f} | {r['p20']:.4f} | {r['p80']:.4f} | {r['gbs']:.2f} | "
-                     f"{100 * r['frac_copy']:.1f}% | {r['speedup']:.2f}x |")
-    with RESULTS.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended {len(rows)} rows to {RESULTS}")
+def _measure(case: Case, inputs: dict, prov: str, dev: str, budget: float,
+             flush_l2: bool) -> tuple[float, float, float, float]:
+    """(median, p20, p80 ms, MB allocated above the inputs on CUDA / NaN) of one provider on one input set."""
+    run = case.run
+    if prov == "eager":
+        fn = lambda a=inputs, run=run: run(a, "torch")  # noqa: E731
+    elif prov == "compile":
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a, run=run: run(a, "torch"), dynamic=False)
+        fn = lambda a=inputs, c=compiled: c(a)  # noqa: E731
+    else:
+        fn = lambda a=inputs, be=prov, run=run: run(a, be)  # noqa: E731
+    fn()  # compile / first call outside the measurement
+    base = 0
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    med, p20, p80 = quantiles(_time(fn, dev, budget_s=budget, flush_l2=flush_l2))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else float("nan")
+    return med, p20, p80, peak
 
 
 if __name__ == "__main__":

@@ -4,19 +4,27 @@
 #
 #   bash scripts/gpu_wheels.sh                                  # here, once: fills .whl/
 #   # on the device (run tool, carry [".whl"]):
-#   bash benchmarks/gpu_session.sh setup test kernels           # ~5 min
+#   bash benchmarks/gpu_session.sh setup test kernels           # ~5-8 min (limits: 300+420+180+240 s)
 #   bash benchmarks/gpu_session.sh setup policy train lerobot   # ~6 min
 #
 # Stages (in the order given; each under its own time limit, logged to $OUT/<stage>.log):
 #   setup    install the carried wheels (--no-index --no-deps) and build flowkernels' CUDA extension
 #   test     pytest -m gpu (Triton kernels compiled, CUDA kernels, the policy on the GPU)
-#   kernels  bench_ops.py and bench_attention.py (GPU defaults)
+#   kernels  the stages ops then attention (each has its own limit; `ops` or `attention` runs one)
+#   ops      bench_ops.py, GPU defaults: 6 ops x B 1,64,256,1024, bf16, eager + the kernels (cuda,
+#            triton), then torch.compile last (its 24 compiles are most of the time); L2 flushed
+#            before every timed call; ~1.5-2.5 min
+#   attention  bench_attention.py, GPU defaults: bf16, P 816, fwd and fwdbwd, N 1,8, B·N 256,1024
+#            (8 shapes) x 7 providers (sdpa_dense, sdpa_clone, triton, triton_split, grouped,
+#            sdpa_expand, then flex, which compiles per shape, after all the others), 0.25 s per
+#            measurement; ~2-4 min
 #   policy   bench_policy.py (small and pi0 configs)
 #   train    bench_train.py --model small (bf16), and short trainer runs with bf16=auto:
 #            fpo at ZeRO 1 and 2, sft then vla_fpo from its checkpoint
 #   lerobot  bench_lerobot.py --sizes small (lerobot from the carried wheel)
-# Benchmarks append to benchmarks/RESULTS.md as usual; the file is copied to $OUT at the end (the
-# device keeps nothing), with a summary of every stage's exit status printed last.
+# Benchmarks append to benchmarks/RESULTS.md as usual, each run its own dated block, row by row as
+# measured (a stage cut by its limit keeps the rows it measured); the file is copied to $OUT at the
+# end (the device keeps nothing), with a summary of every stage's exit status printed last.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -34,7 +42,7 @@ stage() {  # stage NAME LIMIT_S CMD...
   timeout "$limit" bash -c "$*" >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 15 "$OUT/$name.log"
-  SUMMARY+=("$(printf '%-8s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
 }
 
 do_setup() {
@@ -48,8 +56,15 @@ do_setup() {
 do_test() {
   stage test 420 "$PY -m pytest -q -m gpu -p no:cacheprovider tests -rs"
 }
+do_ops() {
+  stage ops 180 "$PY benchmarks/bench_ops.py --device $DEVICE"
+}
+do_attention() {
+  stage attention 240 "$PY benchmarks/bench_attention.py --device $DEVICE"
+}
 do_kernels() {
-  stage kernels 420 "$PY benchmarks/bench_ops.py --device $DEVICE && $PY benchmarks/bench_attention.py --device $DEVICE"
+  do_ops
+  do_attention
 }
 do_policy() {
   stage policy 300 "$PY benchmarks/bench_policy.py --device $DEVICE"
@@ -72,8 +87,8 @@ do_lerobot() {
 [ $# -eq 0 ] && set -- setup test kernels policy train lerobot
 for s in "$@"; do
   case $s in
-    setup | test | kernels | policy | train | lerobot) "do_$s" ;;
-    *) echo "unknown stage $s (setup test kernels policy train lerobot)" >&2; exit 2 ;;
+    setup | test | kernels | ops | attention | policy | train | lerobot) "do_$s" ;;
+    *) echo "unknown stage $s (setup test kernels ops attention policy train lerobot)" >&2; exit 2 ;;
   esac
 done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
