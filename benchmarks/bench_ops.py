@@ -104,7 +104,10 @@ def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        # the results file itself does not count: a session's first benchmark writes to it, and every later one
+        # would otherwise be labelled +dirty at a clean commit
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)benchmarks/RESULTS.md"], capture_output=True,
                                text=True, cwd=Path(__file__).parent).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:
