@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ops import ResultsBlock, _commit, _device_name, _reason, _time, quantiles, release_cuda
+from bench_ops import ResultsBlock, _commit, _device_name, _reason, release_cuda, time_and_peak
 
 import flowkernels as fk
 
@@ -233,14 +233,7 @@ def measure(prov: str, a: dict, gout: torch.Tensor, mode: str, dev: str,
             budget: float) -> tuple[float, float, float, float, str]:
     """(median, p20, p80 ms, MB allocated above the inputs on CUDA / NaN, SDPA kernel or "")."""
     fn, note = _runner(prov, a, gout, mode)
-    fn()  # compile / first call outside the measurement
-    base = 0
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    med, p20, p80 = quantiles(_time(fn, dev, budget_s=budget))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev == "cuda" else float("nan")
+    med, p20, p80, peak = time_and_peak(fn, dev, budget)
     return med, p20, p80, peak, note.get("kernel", "")
 
 

@@ -364,7 +364,14 @@ def _measure(case: Case, inputs: dict, prov: str, dev: str, budget: float,
         fn = lambda a=inputs, c=compiled: c(a)  # noqa: E731
     else:
         fn = lambda a=inputs, be=prov, run=run: run(a, be)  # noqa: E731
-    fn()  # compile / first call outside the measurement
+    return time_and_peak(fn, dev, budget, flush_l2)
+
+
+def time_and_peak(fn: Callable[[], object], dev: str, budget: float,
+                  flush_l2: bool = False) -> tuple[float, float, float, float]:
+    """A first call outside the measurement (compiles), then :func:`_time`: (median, p20, p80 ms, MB
+    allocated above what was allocated before the timed calls on CUDA / NaN on CPU)."""
+    fn()
     base = 0
     if dev == "cuda":
         torch.cuda.synchronize()

@@ -207,7 +207,7 @@ def test_bench_attention_blocks(attn, tmp_path, monkeypatch):
 def test_bench_attention_incremental(attn, tmp_path, monkeypatch):
     res = tmp_path / "RESULTS.md"
     monkeypatch.setattr(attn, "RESULTS", res)
-    real, n = attn._time, []
+    real, n = attn.time_and_peak, []
 
     def interrupted(*a, **k):
         n.append(1)
@@ -215,7 +215,7 @@ def test_bench_attention_incremental(attn, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(attn, "_time", interrupted)
+    monkeypatch.setattr(attn, "time_and_peak", interrupted)
     with pytest.raises(KeyboardInterrupt):
         attn.main(ATTN_ARGS)
     (b,) = blocks(res.read_text(), "bench_attention")
