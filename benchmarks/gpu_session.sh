@@ -43,6 +43,9 @@ stage() {  # stage NAME LIMIT_S CMD...
   local rc=$?
   tail -n 15 "$OUT/$name.log"
   SUMMARY+=("$(printf '%-10s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  # after every stage, not only at the end: the run tool's own limit may stop the whole script
+  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  printf '%s\n' "${SUMMARY[@]}" >"$OUT/summary.txt"
 }
 
 do_setup() {

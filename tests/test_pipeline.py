@@ -125,6 +125,20 @@ def test_a_bad_chunk_starts_no_group(threaded):
         pe.step(a[:3])
     assert not any(pe._in_flight)
     _same_step(pe.step(a), ref.step(a))  # nothing moved, and stepping goes on
+    # with flowkernels' value checks off (the trainer on a GPU) envs on the host still refuse NaN up front:
+    # LiberoEnv checks its host copy anyway, so a later group would refuse after the first had started
+    import flowkernels
+    import flowkernels._checks as checks
+
+    old = checks._value_checks
+    try:
+        flowkernels.set_value_checks(False)
+        with pytest.raises(ValueError, match=r"NaN \(rows \[3\]\)"):
+            pe.step(bad)
+    finally:
+        flowkernels.set_value_checks(old)
+    assert not any(pe._in_flight)
+    _same_step(pe.step(a), ref.step(a))
 
 
 class _Tasks(ReachEnv):

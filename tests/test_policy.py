@@ -306,6 +306,16 @@ def test_stale_cache_is_refused(policy):
     p.mark_weights_updated()
     with pytest.raises(ValueError, match="stale"):
         p.sample_actions(cache, num_steps=2, noise=noise)
+    cache = p.encode_prefix(obs)  # a load through a parent module reaches the policy's hook as well
+    torch.nn.ModuleDict({"policy": p}).load_state_dict(
+        {f"policy.{k}": v.clone() for k, v in policy.state_dict().items()}, assign=True)
+    with pytest.raises(ValueError, match="stale"):
+        p.sample_actions(cache, num_steps=2, noise=noise)
+    cache = p.encode_prefix(obs)
+    with torch.no_grad():
+        next(p.vlm.parameters()).add_(1e-3)  # the new Parameters are tracked
+    with pytest.raises(ValueError, match="stale"):
+        p.sample_actions(cache, num_steps=2, noise=noise)
     cache = p.encode_prefix(obs)  # a failed strict load may have copied some tensors: stale too
     with pytest.raises(RuntimeError, match="Missing key"):
         p.load_state_dict({k: v for k, v in policy.state_dict().items() if "expert" not in k})

@@ -289,6 +289,10 @@ class VisionTower(nn.Module):
 # the policy
 
 
+def _mark_after_load(module: Pi0Policy, incompatible_keys: Any) -> None:
+    module.mark_weights_updated()
+
+
 class Pi0Policy(nn.Module):
     """π0 / π0.5: SigLIP + Gemma VLM prefix, Gemma action expert, flow-matching action head.
 
@@ -335,6 +339,9 @@ class Pi0Policy(nn.Module):
         self._graphs: dict = {}
         self._prefix_params: tuple[torch.Tensor, ...] | None = None  # see prefix_weights_version
         self._weights_generation = 0  # bumped by mark_weights_updated (updates the version counters miss)
+        # any load_state_dict that reaches this module (also through a parent module, also a strict load that
+        # fails part way, which may have copied some tensors) makes earlier caches stale
+        self.register_load_state_dict_post_hook(_mark_after_load)
 
     # ---------------------------------------------------------------- precision / devices
 
@@ -607,17 +614,10 @@ class Pi0Policy(nn.Module):
         caches encoded before are refused as stale. Writes through ``param.data`` are such a path:
         DeepSpeed's ZeRO and bf16 optimizers update the weights that way (the trainer calls this after
         every optimizer step), as does code that assigns new Parameter objects. ``load_state_dict``
-        (also with ``assign=True``) calls it itself."""
+        (also with ``assign=True``, also through a parent module) calls it itself."""
         self._weights_generation += 1
         self._prefix_params = None  # Parameter objects may have been replaced
         return self
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``; caches encoded before become stale (see :meth:`mark_weights_updated`)."""
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:  # a failed strict load may still have copied some tensors
-            self.mark_weights_updated()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # .to() / .cuda() / .half() may replace the Parameter objects (torch.__future__'s overwrite option);
