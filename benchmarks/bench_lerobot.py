@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import lerobot_reference as ref  # noqa: E402
-from bench_ops import _commit, _device_name  # noqa: E402
+from bench_ops import ResultsBlock, _commit, _device_name, _reason, release_cuda  # noqa: E402
 
 from flowkernels.integrations.lerobot import apply_flowkernels, revert_flowkernels  # noqa: E402
 
@@ -163,31 +163,33 @@ def bench_one(policy, variant: str, size: str, B: int, dev: str, budget_s: float
     return rows
 
 
-def record(rows: list[dict], device: str) -> None:
-    date = _dt.date.today().isoformat()
+COLUMNS = ["size", "variant", "B", "provider", "median ms", "p20", "p80", "reps", "chunks/s", "speed-up",
+           "max abs diff"]
+
+
+def results_block(device: str, path: Path | None) -> ResultsBlock:
+    """This run's block of RESULTS.md (written with its first row; every row appended as measured)."""
     import lerobot
     import transformers
 
-    lines = [
-        "",
+    date = _dt.date.today().isoformat()
+    return ResultsBlock(
+        path,
         f"## bench_lerobot ({date}, {_commit()}, {device}, lerobot {lerobot.__version__}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}, float32)",
-        "",
         f"lerobot's `sample_actions` (H {CHUNK}, D 32, K 10, random tiny/small models, see the script) "
         "unpatched vs `apply_flowkernels`; `speed-up` = lerobot's median / the provider's; `max|Δ|` "
-        "= max abs difference of the actions from lerobot's (same noise).",
-        "",
-        "| size | variant | B | provider | median ms | p20 | p80 | reps | chunks/s | speed-up | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "= max abs difference of the actions from lerobot's (same noise); a shape that failed is a "
+        "`skipped` row with the reason.",
+        COLUMNS,
+    )
+
+
+def record_rows(block: ResultsBlock, rows: list[dict]) -> None:
     for r in rows:
-        lines.append(
-            f"| {r['size']} | {r['variant']} | {r['B']} | {r['provider']} | {r['median']:.2f} | {r['p20']:.2f} | "
-            f"{r['p80']:.2f} | {r['reps']} | {r['chunks_s']:.1f} | {r['speedup']:.2f}x | {r['maxdiff']:.1e} |"
-        )
-    with RESULTS.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended {len(rows)} rows to {RESULTS}")
+        block.add([r["size"], r["variant"], r["B"], r["provider"], f"{r['median']:.2f}", f"{r['p20']:.2f}",
+                   f"{r['p80']:.2f}", r["reps"], f"{r['chunks_s']:.1f}", f"{r['speedup']:.2f}x",
+                   f"{r['maxdiff']:.1e}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,19 +202,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1: no spin on a loaded CPU)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--out", default=str(RESULTS), help="the results file to append to (default %(default)s)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches must be comma-separated ints, got {args.batches!r}")
+    bad = [x for x in args.sizes.split(",") if x not in SIZES] + \
+        [x for x in args.variants.split(",") if x not in ("pi0", "pi05")]
+    if bad:
+        p.error(f"unknown --sizes / --variants {bad} (sizes {list(SIZES)}, variants pi0, pi05)")
+    if min(batches) < 1 or not args.budget > 0 or args.min_reps < 1:
+        p.error(f"--batches must be >= 1 (got {batches}), --budget > 0 (got {args.budget}) and --min-reps >= 1 "
+                f"(got {args.min_reps})")
     torch.manual_seed(0)
-    rows = []
+    out = None if args.no_record else Path(args.out)
+    block = results_block(_device_name(args.device), out)
     for size in args.sizes.split(","):
         for variant in args.variants.split(","):
-            policy = build(size, variant, args.device)
+            try:
+                policy = build(size, variant, args.device)
+            except Exception as e:  # e.g. out of memory: record it and go on with the other sizes
+                release_cuda(args.device)
+                print(f"# skipping {size} {variant}: {_reason(e)}", flush=True)
+                block.add([size, variant, "-", f"skipped: {_reason(e)}", *[""] * (len(COLUMNS) - 4)])
+                continue
             print(f"{size} {variant}: {sum(q.numel() for q in policy.parameters()) / 1e6:.2f}M params", flush=True)
-            for B in (int(b) for b in args.batches.split(",")):
-                rows += bench_one(policy, variant, size, B, args.device, args.budget, args.min_reps)
-    if not args.no_record:
-        record(rows, _device_name(args.device))
+            for B in batches:
+                try:
+                    rows = bench_one(policy, variant, size, B, args.device, args.budget, args.min_reps)
+                except Exception as e:  # one shape failing (e.g. out of memory) is a skip row for that shape
+                    revert_flowkernels(policy)
+                    release_cuda(args.device)
+                    print(f"# skipping {size} {variant} B={B}: {_reason(e)}", flush=True)
+                    block.add([size, variant, B, f"skipped: {_reason(e)}", *[""] * (len(COLUMNS) - 4)])
+                    continue
+                record_rows(block, rows)
+            del policy
+    if block.n_rows:
+        print(f"appended {block.n_rows} rows to {out}")
     return 0
 
 

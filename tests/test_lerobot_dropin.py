@@ -81,3 +81,34 @@ def test_lerobot_dropin_eager(tmp_path):
 def test_lerobot_dropin_compiled(tmp_path):
     results = _run_worker("compile", tmp_path, timeout=3600)
     _assert_all(results)
+
+
+def test_bench_lerobot_records_its_block_row_by_row(tmp_path):
+    """benchmarks/bench_lerobot.py (the GPU session's lerobot stage) wrote its table only at the end, and one
+    failing shape ended the run: it now writes its block with the first row and each row as measured (a failing
+    shape is a skip row); bad arguments are refused before any work."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n")
+    cmd = [str(lerobot_python()), str(ROOT / "benchmarks" / "bench_lerobot.py"), "--device", "cpu", "--variants",
+           "pi0", "--budget", "0.01", "--min-reps", "1", "--threads", "1", "--out", str(out)]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=lerobot_env(), cwd=ROOT,
+                              timeout=600)
+
+    proc = run("--sizes", "tiny", "--batches", "1,2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    assert lines[0] == "# results" and lines[1] == "" and lines[2].startswith("## bench_lerobot (")
+    table = [ln for ln in lines if ln.startswith("|")]
+    header, rows = table[0], table[2:]
+    assert header.startswith("| size | variant | B | provider |")
+    assert all(r.count("|") == header.count("|") for r in rows), rows
+    assert [(r.split("|")[3].strip(), r.split("|")[4].strip()) for r in rows] == [
+        (b, p) for b in ("1", "2") for p in ("lerobot", "flowkernels", "reuse_only")]
+    for extra, msg in ((["--sizes", "huge"], "unknown --sizes"), (["--batches", "0"], "--batches must be >= 1")):
+        proc = run(*extra)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
