@@ -210,9 +210,11 @@ class VecEnv(abc.ABC):
             return step, out
         raise AssertionError("unreachable")
 
-    def check_actions(self, actions: torch.Tensor, to_env_device: bool = True) -> torch.Tensor:
-        """Validate a chunk and cut it to ``(B, H', action_dim)`` float32 on the env's device
-        (``to_env_device=False``: on the actions' own device, no copy to the host)."""
+    def check_actions(self, actions: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """Validate a chunk and cut it to ``(B, H', action_dim)`` float32 on ``device`` (default: the env's).
+
+        NaN is refused whenever the chunk ends up on the host (no sync to pay there), and on a GPU while
+        flowkernels' value checks are on."""
         if not isinstance(actions, torch.Tensor) or actions.dim() != 3:
             got = tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__
             raise ValueError(f"{type(self).__name__}.step: actions must have shape (B, H, A), got {got}")
@@ -226,9 +228,9 @@ class VecEnv(abc.ABC):
             raise ValueError(f"{type(self).__name__}.step: actions have {A} dims, the env needs {self.action_dim}")
         if not actions.is_floating_point():
             raise TypeError(f"{type(self).__name__}.step: actions must be floating point, got {actions.dtype}")
-        out = actions[:, : self.chunk_steps, : self.action_dim].detach()
-        out = out.to(self.device, torch.float32) if to_env_device else out.float()
-        if value_checks_enabled(out.device) and out.numel() and bool(torch.isnan(out).any()):
+        out = actions[:, : self.chunk_steps, : self.action_dim].detach().to(device or self.device, torch.float32)
+        if (out.device.type == "cpu" or value_checks_enabled(out.device)) and out.numel() and \
+                bool(torch.isnan(out).any()):
             # (±inf is clamped like any large action; NaN would pass clamp and poison the episode)
             raise ValueError(f"{type(self).__name__}.step: actions hold NaN (rows "
                              f"{torch.isnan(out).flatten(1).any(1).nonzero().flatten().tolist()[:8]})")
