@@ -13,22 +13,27 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["checkpoint_iteration", "complete_checkpoints", "finalize_checkpoint", "latest_checkpoint",
            "resolve_checkpoint", "staging_dir", "write_atomic"]
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + ``os.replace``."""
+def write_atomic(path: str | Path, data: bytes | Callable[[Path], None]) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory + ``os.replace``.
+    ``data``: the bytes, or a function that writes the file it is given (e.g. ``safetensors``' ``save_file``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interrupt: leave no temporary file behind
         tmp.unlink(missing_ok=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -1095,6 +1094,7 @@ class Pi0Policy(nn.Module):
         SHA-256 digest of the weights, which :meth:`from_pretrained` checks. ``state_dict``: the
         weights to write instead of ``self.state_dict()`` (e.g. parameters gathered from ZeRO-3
         partitions, whose local tensors are empty)."""
+        from flowrl.checkpoint import write_atomic
         from flowrl.models.weights import save_safetensors
 
         d = Path(directory)
@@ -1106,9 +1106,9 @@ class Pi0Policy(nn.Module):
                              f"unexpected {extra[:5]}")
         state = {k: v.detach().contiguous() for k, v in (own if state_dict is None else state_dict).items()}
         meta = {"format": "pt", "flowrl": "pi0policy"}
-        _atomic_write(d / "model.safetensors", lambda p: save_safetensors(state, p, meta))
+        write_atomic(d / "model.safetensors", lambda p: save_safetensors(state, p, meta))
         cfg = {"flowrl_policy": True, **self.config.to_dict()}
-        _atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+        write_atomic(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True).encode())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, config: PolicyConfig | None = None,
@@ -1119,18 +1119,3 @@ class Pi0Policy(nn.Module):
         from flowrl.models.weights import load_policy
 
         return load_policy(cls, directory, config=config, strict=strict, verify=verify, **overrides)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: the checkpoint reads like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
