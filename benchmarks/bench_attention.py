@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ops import ResultsBlock, _commit, _device_name, _reason, release_cuda, time_and_peak
+from bench_ops import ResultsBlock, _commit, _device_name, _fmt, _reason, release_cuda, time_and_peak
 
 import flowkernels as fk
 
@@ -239,10 +239,6 @@ def measure(prov: str, a: dict, gout: torch.Tensor, mode: str, dev: str,
 
 COLUMNS = ["mode", "N", "B·N", "P", "provider", "median ms", "p20", "p80", "TFLOP/s", "% dense", "vs sdpa_clone",
            "peak MB", "kernel"]
-
-
-def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:{spec}}{suffix}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

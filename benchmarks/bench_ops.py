@@ -135,13 +135,13 @@ def l2_flush_buffer(dev: str) -> torch.Tensor | None:
 
 
 def _time(fn: Callable[[], object], dev: str, min_reps: int = 5, budget_s: float = 1.0, *,
-          flush_l2: bool = False) -> list[float]:
-    """Milliseconds per call, after warm-up; CUDA timed with events.
+          flush_l2: bool = False, warmup: int = 3) -> list[float]:
+    """Milliseconds per call, after ``warmup`` calls; CUDA timed with events.
 
     ``flush_l2``: on CUDA, zero a 256 MiB buffer before every timed call, outside the event pair, so
     the call reads its inputs from DRAM rather than from an L2 left warm by the previous rep (no-op on CPU).
     """
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     if dev == "cuda":
         flush = l2_flush_buffer(dev) if flush_l2 else None

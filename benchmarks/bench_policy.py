@@ -72,7 +72,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # flowrl from a source checkout
-from bench_ops import _commit, _device_name, quantiles
+from bench_ops import ResultsBlock, _commit, _device_name, _reason, _time, quantiles, release_cuda
 
 import flowkernels as fk
 from flowkernels import _checks
@@ -422,38 +422,11 @@ def timing_for(call_s: float, budget_s: float) -> Timing:
     return Timing(1 if call_s >= 0.2 else 3, 2 if call_s >= 0.5 else 3, budget_s)
 
 
-def _time(fn: Callable[[], object], dev: str, t: Timing) -> list[float]:
-    """Milliseconds per call after ``t.warmup`` calls; CUDA timed with events."""
-    for _ in range(t.warmup):
-        fn()
-    times: list[float] = []
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    t_end = time.perf_counter() + t.budget_s
-    while len(times) < t.min_reps or (time.perf_counter() < t_end and len(times) < 200):
-        if dev == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 # --------------------------------------------------------------------------------------------
 # rows
 
 
-def _cell(v) -> str:
-    return str(v).replace("|", "/").replace("\n", " ")
-
-
-def format_row(r: dict) -> str:
+def row_cells(r: dict) -> list[object]:
     def num(key, fmt):
         return "" if r.get(key) is None else format(r[key], fmt)
 
@@ -461,35 +434,23 @@ def format_row(r: dict) -> str:
              num("median_ms", ".2f"), num("p20", ".2f"), num("p80", ".2f"), num("items_per_s", ".1f"),
              "" if r.get("speedup") is None else f"{r['speedup']:.2f}x", num("tflop", ".3g"),
              num("tflops", ".3g"), "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", r.get("note", "")]
-    return "| " + " | ".join(_cell(x) for x in cells) + " |"
+    return cells
 
 
-def header_lines(device_name: str, variant: str, peak: float | None, dev: str) -> list[str]:
+def results_block(device_name: str, variant: str, peak: float | None, dev: str, path: Path | None) -> ResultsBlock:
     date = _dt.date.today().isoformat()
     prec = "float32" if dev == "cpu" else "bf16 Gemma, float32 SigLIP"
     peak_s = f"peak {peak:g} TFLOP/s bf16 dense" if peak else "no peak: MFU blank"
-    return ["", f"## bench_policy ({date}, {_commit()}, {device_name}, {variant}, {prec}, torch {torch.__version__}, "
-                f"{peak_s})", "",
-            "rollout: action chunks/s (K 10, H 50, ODE); cfm_losses: (τ, ε) pairs/s (fwd+bwd, VLM trainable); "
-            "chain_logprob: chains/s (K 10, Flow-Noise, fwd+bwd). `time vs ref` = median time / that of the "
-            "shape's cached (fused N 8) provider. `views`/`P`: valid cameras and computed prefix positions per "
-            "observation. `useful TFLOP`: the cached (fused) provider's FLOPs per call, credited to every "
-            "provider of the shape (counted analytically; see the script's docstring); MFU = useful / time / "
-            "peak. Rows are appended as measured: a missing tail means the run was cut off.",
-            "",
-            "| " + " | ".join(COLUMNS) + " |",
-            "|" + "---|" * len(COLUMNS)]
-
-
-def _append(lines: list[str]) -> None:
-    with RESULTS.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-
-
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+    return ResultsBlock(
+        path,
+        f"## bench_policy ({date}, {_commit()}, {device_name}, {variant}, {prec}, torch {torch.__version__}, {peak_s})",
+        "rollout: action chunks/s (K 10, H 50, ODE); cfm_losses: (τ, ε) pairs/s (fwd+bwd, VLM trainable); "
+        "chain_logprob: chains/s (K 10, Flow-Noise, fwd+bwd). `time vs ref` = median time / that of the "
+        "shape's cached (fused N 8) provider. `views`/`P`: valid cameras and computed prefix positions per "
+        "observation. `useful TFLOP`: the cached (fused) provider's FLOPs per call, credited to every "
+        "provider of the shape (counted analytically; see the script's docstring); MFU = useful / time / "
+        "peak. Rows are appended as measured: a missing tail means the run was cut off.",
+        list(COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,8 +505,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     record = not (args.no_record or args.dry_run)
     checks_before = _checks._value_checks
     fk.set_value_checks(False)
-    if record:
-        _append(header_lines(device_name, args.variant, peak, dev))
+    block = results_block(device_name, args.variant, peak, dev, RESULTS if record else None)
+    block.start()  # the heading first: a run cut off before its first row still says what ran
     print(f"# device: {device_name}; K {K}; peak {peak or '-'} TFLOP/s; plan at {eff / 1e12:g} TFLOP/s effective")
     print(f"{'config':<7} {'bench':<14} {'B':>3} {'N':>2} {'provider':<11} {'views':>5} {'P':>4} {'median ms':>10} "
           f"{'items/s':>9} {'vs ref':>7} {'TFLOP':>8} {'TFLOP/s':>8} {'MFU':>6}  note")
@@ -563,8 +524,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{row['config']:<7} {row['bench']:<14} {row['B']:>3} {row['N']:>2} {row['provider']:<11} "
               f"{row['views']:>5g} {row['P']:>4} {med:>10} {ips:>9} {sp:>7} {row['tflop']:>8.3g} {tfs:>8} {mfu:>6}  "
               f"{row.get('note', '')}", flush=True)
-        if record:
-            _append([format_row(row)])
+        block.add(row_cells(row))
 
     try:
         for name in configs:
@@ -578,7 +538,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except Exception as e:  # one failure must not lose the other configs
                     _cleanup(dev)
                     emit(dict(config=name, bench="build", B=0, N=0, provider="-", views=0, P=0, tflop=0.0,
-                              note=f"skipped: {_first_line(e)}"))
+                              note=f"skipped: {_reason(e)}"))
                     continue
             rb, ub = _defaults(dev, name)
             rb = [int(b) for b in (args.batches or rb).split(",")]
@@ -662,11 +622,9 @@ def _cleanup(dev: str, p: Pi0Policy | None = None) -> None:
         if p is not None:
             p.zero_grad(set_to_none=True)
             p._graphs = {}  # a captured graph pins its cache and memory pool
-        if dev == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
     except Exception as e:
-        print(f"cleanup: {_first_line(e)}", flush=True)
+        print(f"cleanup: {_reason(e)}", flush=True)
+    release_cuda(dev)
 
 
 def _measure(p: Pi0Policy, sp: Spec, make_fns, fns_cache: dict, dev: str, tm: Timing, refs: dict,
@@ -691,14 +649,14 @@ def _measure(p: Pi0Policy, sp: Spec, make_fns, fns_cache: dict, dev: str, tm: Ti
         fn = fns[sp.provider]
         if update:
             p.train()
-            ts = _time(fn, dev, tm)
+            ts = _time(fn, dev, tm.min_reps, tm.budget_s, warmup=tm.warmup)
             p.zero_grad(set_to_none=True)
         else:
             p.eval()
             with torch.no_grad():
-                ts = _time(fn, dev, tm)
+                ts = _time(fn, dev, tm.min_reps, tm.budget_s, warmup=tm.warmup)
     except Exception as e:  # e.g. torch.OutOfMemoryError: record it and go on
-        err = _first_line(e)
+        err = _reason(e)
     if err is not None:  # freed outside the except block: its traceback's frames hold the tensors
         _cleanup(dev, p)
         return {**base, "note": f"skipped: {err}"}
