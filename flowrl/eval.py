@@ -78,28 +78,72 @@ def run_episodes(policy: Any, env: VecEnv, seed: int, gen: torch.Generator, num_
     return succ, ret
 
 
+def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """The ranks' equal-sized ``(2, B)`` float64 rows, concatenated rank-major ``(2, world·B)`` on the CPU
+    (through the device NCCL needs, or the host for gloo)."""
+    dist = torch.distributed
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    parts = [torch.empty_like(x, device=dev) for _ in range(world)]
+    dist.all_gather(parts, x.to(dev))
+    return torch.cat([t.cpu() for t in parts], dim=1)
+
+
+def _check_world(env: VecEnv, rank: int, world: int) -> None:
+    """``rank`` / ``world`` against the process group, and every rank's env of the same size (an
+    ``all_gather`` of unequal rows would fail or hang)."""
+    dist = torch.distributed
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"evaluate: world must be an int >= 1, got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"evaluate: rank must be an int in [0, {world}), got {rank!r}")
+    if world == 1:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"evaluate: world={world} needs an initialized torch.distributed process group "
+                         "(every rank calls evaluate)")
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise ValueError(f"evaluate: rank={rank}, world={world} do not match the process group's rank "
+                         f"{dist.get_rank()} of {dist.get_world_size()}")
+    sizes = _gather_rows(torch.full((2, 1), float(env.num_envs), dtype=torch.float64), world)[0]
+    if (sizes != sizes[0]).any():
+        raise ValueError(f"evaluate: every rank needs an env of the same size, got num_envs {sizes.long().tolist()} "
+                         "(ranks 0, 1, ...)")
+
+
 @torch.no_grad()
 def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_steps: int = 10,
-             noise_fn: Any = None) -> dict[str, float]:
+             noise_fn: Any = None, *, rank: int = 0, world: int = 1) -> dict[str, float]:
     """Success rate over ``episodes`` episodes with ODE sampling (fresh noise per chunk).
 
     Runs rounds of ``env.num_envs`` episodes: each round resets every env and counts only its
     first episode, so short (successful) episodes are not over-counted. ``noise_fn(policy, obs,
     generator) -> (B, H, D)`` supplies the initial latents (VLA-FPO's actor); default ``N(0, I)``.
     Returns the success rate, its Wilson 95% interval and the mean return.
+
+    ``world > 1`` splits the episodes over the ranks of the initialized ``torch.distributed`` group (a
+    collective: every rank calls it with the same ``episodes`` and ``seed`` and an env of the same size
+    ``B`` that holds its own global envs, as the trainer's ``build_env(cfg, rank, for_eval=True,
+    world=world)``): rounds of ``world·B`` episodes, counted rank-major (rank 0's envs, then rank 1's, ...);
+    rank ``r`` draws its noise from a generator seeded ``seed + 1_000_003·r``; every rank returns the whole
+    result. On the built-in task the scenes are then those of one rank evaluating ``world·B`` envs (the
+    noise draws are not). ``world = 1`` is the plain single-process evaluation.
     """
     if episodes < 1:
         raise ValueError(f"evaluate: episodes must be >= 1, got {episodes}")
-    gen = torch.Generator().manual_seed(seed)
+    _check_world(env, rank, world)
+    gen = torch.Generator().manual_seed(seed + 1_000_003 * rank)
     succ: list[bool] = []
     rets: list[float] = []
     rnd = 0
     while len(succ) < episodes:
         r_succ, r_ret = run_episodes(policy, env, seed + rnd, gen, num_steps, noise_fn)
         rnd += 1
-        take = min(env.num_envs, episodes - len(succ))
-        succ += r_succ[:take].tolist()
-        rets += r_ret[:take].tolist()
+        rows = torch.stack([r_succ.double(), r_ret.double()])
+        if world > 1:
+            rows = _gather_rows(rows, world)
+        take = min(rows.shape[1], episodes - len(succ))
+        succ += rows[0, :take].bool().tolist()
+        rets += rows[1, :take].tolist()
     k = sum(succ)
     lo, hi = wilson_interval(k, len(succ))
     return {"success_rate": k / len(succ), "ci_low": lo, "ci_high": hi, "episodes": float(len(succ)),

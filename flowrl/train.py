@@ -37,8 +37,10 @@ __all__ = ["build_algorithm", "build_env", "build_policy", "main", "train"]
 
 
 # ---------------------------------------------------------------------------------------- builders
-def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0) -> Algorithm:
-    """The algorithm object for ``name`` (default ``cfg.algo.name``)."""
+def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0, env_seed: int | None = None) -> Algorithm:
+    """The algorithm object for ``name`` (default ``cfg.algo.name``), its generator seeded ``seed``.
+    ``env_seed`` (default ``seed``): the base of GRPO's per-iteration reset seeds (the trainer gives every rank
+    the run's seed: ranks hold their own global envs)."""
     from flowrl.algos.flow_ppo import FlowNoisePPO, FlowSDEPPO
     from flowrl.algos.fpo import FPO
     from flowrl.algos.grpo import GRPO
@@ -53,6 +55,8 @@ def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0) ->
         table["vla_fpo"] = VLAFPO
     if name not in table:
         raise ConfigError(f"algo.name: unknown algorithm {name!r}; expected one of {sorted(table)}")
+    if name == "grpo":
+        return GRPO(cfg.algo, seed, env_seed)
     return table[name](cfg.algo, seed)
 
 
@@ -62,8 +66,10 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
     (default ``env.pipeline_groups``) sub-envs when that is > 1, holding consecutive global env
     indices (the same episodes as one env). ``for_eval``: an evaluation env, one group (``evaluate``
     steps every env at once, so groups would not overlap anything) and every env its own scene (no
-    GRPO groups), so every algorithm is evaluated on the same episodes. ``world``: the number of ranks
-    (LIBERO spreads one init-state schedule over all of them)."""
+    GRPO groups), so every algorithm is evaluated on the same episodes. ``world``: the number of ranks;
+    rank ``r`` holds the global envs ``[r·num_envs, (r+1)·num_envs)`` (reach: their scenes; LIBERO: their
+    places in one init-state schedule), so all ranks with one seed run the episodes of one env of
+    ``world·num_envs``."""
     e = cfg.env
     groups = 1 if for_eval else e.pipeline_groups if pipeline_groups is None else pipeline_groups
     if groups < 1 or e.num_envs % groups:
@@ -78,7 +84,7 @@ def build_env(cfg: TrainConfig, rank: int = 0, device: torch.device | str = "cpu
                            state_with_goal=e.state_with_goal, state_with_time=e.state_with_time,
                            success_radius=e.success_radius, max_speed=e.max_speed,
                            group_size=cfg.algo.group_size if cfg.algo.name == "grpo" and not for_eval else 1,
-                           env_offset=g * part,
+                           env_offset=rank * e.num_envs + g * part,
                            device=device)
             env.set_expert_quality(e.expert_quality, e.expert_speed, e.expert_aim_noise)
             return env
@@ -270,7 +276,18 @@ def _peak_rss_gb() -> float:
 
 # ---------------------------------------------------------------------------------------- loop
 def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
-    """Run the configured training; returns the final metrics (and evaluation before/after)."""
+    """Run the configured training; returns the final metrics (and evaluation before/after).
+
+    The envs it builds are closed when it returns or raises (LIBERO's worker processes end with it)."""
+    opened: list[Any] = []
+    try:
+        return _train(cfg, resume, log, opened)
+    finally:
+        for env in reversed(opened):
+            env.close()
+
+
+def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[str, Any]:
     import deepspeed
 
     run_dir = Path(cfg.run_dir)
@@ -294,14 +311,17 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
 
         flowkernels.set_value_checks(False)
     env = build_env(cfg, rank, dev, world=world)
+    opened.append(env)
     policy = build_policy(cfg, env).to(dev)
-    main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank)
+    main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank, env_seed=cfg.seed)
     sft_algo = build_algorithm(cfg, "sft", seed=cfg.seed + 1000 * rank + 1) if cfg.sft_iterations else None
     total = cfg.sft_iterations + cfg.iterations
     # a GRPO env starts each group from one scene: the SFT warm-up's scripted expert would then record each demo
     # group_size times; it collects from an env with a scene per env (as the evaluation env)
     grouped = sft_algo is not None and cfg.algo.name == "grpo"
     sft_env = build_env(cfg, rank, dev, for_eval=True, world=world) if grouped else env
+    if sft_env is not env:
+        opened.append(sft_env)
     # VLA-FPO trains its own latent actor + Q-ensemble (π0 frozen); the others train the policy
     module = main_algo.trainable_module(policy, env) if hasattr(main_algo, "trainable_module") else policy
     opt = _optimizer(module, cfg)
@@ -313,9 +333,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     if ds_config["bf16"]["enabled"] and module is not policy:
         policy.set_precision(torch.bfloat16)
     start_iter, history, evals = 0, [], {}
-    # reach: a rank's scenes come from its seed; LIBERO: env_offset places each rank in one global schedule of
-    # init states and MuJoCo seeds, which a per-rank seed would shift onto the neighbouring ranks' episodes
-    rank_seed = cfg.seed * 1000 + (0 if cfg.env.name == "libero" else rank)
+    # one seed on every rank: build_env's env_offset gives each rank its own global envs (reach: scenes; LIBERO:
+    # places in one schedule of init states and MuJoCo seeds, which a per-rank seed would shift onto its
+    # neighbours' episodes)
+    rank_seed = cfg.seed * 1000
     obs = env.reset(seed=rank_seed)
     if ckpt is not None:
         # this rank's own file first (no collective): every rank learns whether any failed, and all exit alike
@@ -370,22 +391,27 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
         log = bar.write  # log lines above the bar, not through it
     from flowrl.eval import evaluate
 
-    def eval_env() -> Any:  # evaluate() steps all envs at once: no pipeline groups
-        return build_env(cfg, rank, dev, for_eval=True, world=world)
+    def run_eval(noise_fn: Any = None) -> dict[str, float]:
+        """The success of ``eval_episodes`` episodes from seed ``seed + 77``, split over the ranks (one result,
+        on every rank); an env of its own (evaluate() steps all envs at once: no pipeline groups), closed after."""
+        ev = build_env(cfg, rank, dev, for_eval=True, world=world)
+        try:
+            return evaluate(policy, ev, cfg.eval_episodes, cfg.seed + 77, cfg.algo.num_steps, noise_fn,
+                            rank=rank, world=world)
+        finally:
+            ev.close()
 
     result: dict[str, Any] = dict(evals)
     if cfg.eval_episodes and start_iter == 0:
         policy.eval()
-        result["eval_before"] = evaluate(policy, eval_env(), cfg.eval_episodes, cfg.seed + 77,
-                                         cfg.algo.num_steps, getattr(main_algo, "eval_noise", None))
+        result["eval_before"] = run_eval(getattr(main_algo, "eval_noise", None))
         if rank == 0:
             log(f"[flowrl] success before: {result['eval_before']['success_rate']:.3f}")
     for it in range(start_iter, total):
         algo = sft_algo if it < cfg.sft_iterations else main_algo
         if sft_algo is not None and it == cfg.sft_iterations and cfg.eval_episodes:
             policy.eval()
-            result["eval_after_sft"] = evaluate(policy, eval_env(), cfg.eval_episodes,
-                                                cfg.seed + 77, cfg.algo.num_steps)
+            result["eval_after_sft"] = run_eval()
             obs = env.reset(seed=rank_seed + 1)
             if rank == 0:
                 log(f"[flowrl] success after SFT: {result['eval_after_sft']['success_rate']:.3f}")
@@ -476,8 +502,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     bar.close()
     if cfg.eval_episodes:
         policy.eval()
-        result["eval_after"] = evaluate(policy, eval_env(), cfg.eval_episodes, cfg.seed + 77,
-                                        cfg.algo.num_steps, getattr(main_algo, "eval_noise", None))
+        result["eval_after"] = run_eval(getattr(main_algo, "eval_noise", None))
         if rank == 0:
             before = result.get("eval_before", {}).get("success_rate", float("nan"))
             log(f"[flowrl] success before {before:.3f} -> after {result['eval_after']['success_rate']:.3f}")

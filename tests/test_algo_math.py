@@ -140,7 +140,7 @@ def _surrogate_grad(name: str, ratio_value: float, adv: list[float] | None = Non
     """Rollout of a tiny π0 on the reaching task with ``name``, then d(loss)/d(ratio) on the whole batch
     with the ratio replaced by a constant ``ratio_value`` leaf: what the surrogate does with the
     advantages (the value loss does not depend on the ratio); ``adv`` replaces the rollout's advantages
-    (repeated over the batch). Returns (batch, grad)."""
+    (tiled over the batch: GRPO drops the chunks after an episode's end). Returns (batch, grad)."""
     from flowrl.config import AlgoConfig, TrainConfig
     from flowrl.envs import ReachEnv
     from flowrl.models import Pi0Policy, get_config
@@ -156,7 +156,7 @@ def _surrogate_grad(name: str, ratio_value: float, adv: list[float] | None = Non
     batch, _ = algo.rollout(env, policy, env.reset(seed=0))
     env.close()
     if adv is not None:
-        batch.data["adv"] = torch.tensor(adv).repeat(len(batch) // len(adv))
+        batch.data["adv"] = torch.tensor(adv).repeat(-(-len(batch) // len(adv)))[:len(batch)]  # tiled over the batch
     shape = (len(batch), cfg.fpo_pairs) if name == "fpo" else (len(batch),)
     r = torch.full(shape, ratio_value, requires_grad=True)
     algo.ratio = lambda *a: (r, {})

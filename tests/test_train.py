@@ -517,6 +517,61 @@ def test_grpo_groups_only_in_training_envs():
     assert not torch.equal(eval_env.targets[0], eval_env.targets[1])
 
 
+def test_ranks_hold_consecutive_global_envs():
+    """build_env(rank=r, world=W) on the built-in task: rank r's envs are the global envs [r·B, (r+1)·B) of one
+    env of W·B (training, with GRPO groups, and evaluation), so ranks sharing the run's seed run distinct scenes
+    (they used to differ only by a per-rank reset seed, and every rank evaluated the same scenes)."""
+    from flowrl.train import build_env
+
+    for extra, for_eval in (([], False), (["algo.name=grpo", "algo.group_size=2"], False), ([], True)):
+        whole = build_env(load_config(None, ["env.num_envs=8", *extra]), for_eval=for_eval)
+        whole.reset(seed=5)
+        cfg = load_config(None, ["env.num_envs=4", *extra])
+        parts = [build_env(cfg, rank=r, for_eval=for_eval, world=2) for r in (0, 1)]
+        for e in parts:
+            e.reset(seed=5)
+        assert torch.equal(torch.cat([e.targets for e in parts]), whole.targets), (extra, for_eval)
+        assert not torch.equal(parts[0].targets, parts[1].targets)
+
+
+def test_grpo_reset_seeds_are_apart_from_the_evaluations():
+    """GRPO's iteration k resets with 1 000 000 007 + 7919·env_seed + k: with base 0, seed 0's iteration 77 reset
+    the training envs with the evaluation's seed (seed + 77), i.e. trained on the evaluation's scenes. The
+    trainer gives every rank the run's seed as env_seed (ranks hold their own global envs)."""
+    from flowrl.train import build_algorithm
+
+    cfg = load_config(None, ["algo.name=grpo", "env.num_envs=4", "algo.group_size=2"])
+    for seed in range(3):
+        base = build_algorithm(cfg, seed=seed).iteration_seed
+        assert build_algorithm(cfg, seed=seed + 1000, env_seed=seed).iteration_seed == base
+        train = {base + k for k in range(1, 100_001)} | {base + k + 10**6 for k in range(1, 100_001)}
+        evals = {seed + 77 + r for r in range(10_000)} | {1000 * seed, 1000 * seed + 1}
+        assert not train & evals, seed
+
+
+def test_train_closes_its_envs_when_it_returns_or_raises(tmp_path, monkeypatch):
+    """train() closes the envs it built (LIBERO's worker processes used to outlive it until garbage collection,
+    longer when an exception's traceback held them): the rollout env, and each evaluation's env after it."""
+    import flowrl.eval
+    from flowrl.envs import ReachEnv
+
+    closed: list[int] = []
+    monkeypatch.setattr(ReachEnv, "close", lambda self: closed.append(id(self)))
+    _run(tmp_path / "a", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "checkpoint_every=1",
+         "eval_episodes=2")
+    assert len(closed) == 3 and len(set(closed)) == 3, closed  # the rollout env, two evaluation envs
+    closed.clear()
+
+    def fail(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(flowrl.eval, "evaluate", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        _run(tmp_path / "b", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "checkpoint_every=1",
+             "eval_episodes=2")
+    assert len(closed) == 2, closed  # the evaluation's env, then the rollout env
+
+
 # ---------------------------------------------------------------------------------------- 6. two ranks == one rank
 WORKER = REPO / "tests" / "ds_equiv_worker.py"
 
@@ -712,19 +767,24 @@ def test_bf16_training(tmp_path, algo):
 
 def test_two_rank_training_loop(tmp_path):
     """``deepspeed --num_gpus 2 flowrl/train.py`` on CPU (gloo): the whole loop runs on two ranks, rank 0 writes
-    the metrics (means over the ranks; peak memory is the busiest rank's) and a checkpoint."""
+    the metrics (means over the ranks; peak memory is the busiest rank's) and a checkpoint; the evaluation is
+    split over the ranks (7 episodes: rank 0's 4, rank 1's first 3) and every rank holds the whole result."""
     run_dir = tmp_path / "run"
     launcher = Path(sys.executable).with_name("deepspeed")
     p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN),
                         f"run_dir={run_dir}", *TINY, "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1",
-                        "checkpoint_every=1", "eval_episodes=0"],
+                        "checkpoint_every=1", "eval_episodes=7"],
                        cwd=REPO, env=_sub_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     (line,) = (run_dir / "metrics.jsonl").read_text().splitlines()
     m = json.loads(line)
     assert math.isfinite(m["policy_loss"]) and 0.0 <= m["success_rate"] <= 1.0, m
     assert 0.05 < m["peak_rss_gb"] < 64, m
-    assert latest_checkpoint(run_dir) is not None
+    ck = latest_checkpoint(run_dir)
+    assert ck is not None
+    ev = [torch.load(ck / f"trainer_rank{r}.pt", weights_only=False)["evals"]["eval_before"] for r in (0, 1)]
+    assert ev[0] == ev[1] and ev[0]["episodes"] == 7.0, ev
+    assert "success before" in p.stdout and "-> after" in p.stdout
 
 
 def test_init_from_takes_the_runs_model_settings(tmp_path):

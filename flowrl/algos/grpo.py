@@ -24,6 +24,10 @@ from flowrl.envs.base import EnvObs, VecEnv
 __all__ = ["GRPO"]
 
 _LIKELIHOODS = {"fpo": FPO, "flow_noise": FlowNoisePPO, "flow_sde": FlowSDEPPO}
+#: the iteration's reset seeds are ``_RESET_SEED_BASE + reset_seed·7919 + k`` (iteration k): apart from the trainer's
+#: other reset seeds (``seed·1000``, ``+1`` after SFT) and its evaluation's (``seed + 77 + round``), so that no
+#: GRPO iteration trains on the evaluation's scenes (with base 0, seed 0's iteration 77 did)
+_RESET_SEED_BASE = 1_000_000_007
 
 
 class _GRPOMixin:
@@ -34,9 +38,10 @@ class _GRPOMixin:
     name = "grpo"
     uses_critic = False
 
-    def __init__(self, cfg: AlgoConfig, seed: int) -> None:
+    def __init__(self, cfg: AlgoConfig, seed: int, reset_seed: int | None = None) -> None:
         super().__init__(cfg, seed)
-        self.iteration_seed = seed * 7919
+        # the trainer passes the run's seed on every rank: build_env's env_offset already separates the ranks' scenes
+        self.iteration_seed = _RESET_SEED_BASE + (seed if reset_seed is None else reset_seed) * 7919
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "iteration_seed": self.iteration_seed}
@@ -100,6 +105,7 @@ _CLASSES = {
 }
 
 
-def GRPO(cfg: AlgoConfig, seed: int = 0) -> Any:
-    """GRPO with the likelihood ``cfg.grpo_likelihood`` (FPO / Flow-Noise / Flow-SDE)."""
-    return _CLASSES[cfg.grpo_likelihood](cfg, seed)
+def GRPO(cfg: AlgoConfig, seed: int = 0, reset_seed: int | None = None) -> Any:
+    """GRPO with the likelihood ``cfg.grpo_likelihood`` (FPO / Flow-Noise / Flow-SDE). ``seed``: its sampling
+    generator's; ``reset_seed`` (default ``seed``): the base of its per-iteration env reset seeds."""
+    return _CLASSES[cfg.grpo_likelihood](cfg, seed, reset_seed)
