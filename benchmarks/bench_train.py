@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # flowrl from a source checkout
-from bench_ops import _commit, _device_name
+from bench_ops import ResultsBlock, _cell, _commit, _device_name, _reason, release_cuda
 
 from flowrl.config import TrainConfig, load_config
 from flowrl.envs.base import ChunkStep, VecEnv
@@ -237,30 +237,46 @@ def bench_pipeline(env_label: str, algo_name: str, model: str, overrides: list[s
 
 
 # ---------------------------------------------------------------------------------------- output
+ALGO_PARAGRAPH = ("Rollout: samples (one per env and chunk) and executed env steps per second of `algo.rollout` "
+                  "(SFT / ARFM: collecting the expert demonstrations, done once per run). Update: samples per second "
+                  "through loss → backward → clip → AdamW step. Medians over the repetitions.")
+ALGO_COLUMNS = ["algorithm", "model", "envs", "rollout samples", "rollout ms", "rollout samples/s", "env steps/s",
+                "update steps", "update samples", "update ms", "update samples/s"]
+PIPE_PARAGRAPH = ("Pipelined rollout (`env.pipeline_groups` 2 vs 1, same process, repetitions interleaved). "
+                  "The reach env steps as batched torch ops in the caller: no gain expected there; subprocess "
+                  "envs (LIBERO) step while the policy acts for the other group.")
+PIPE_COLUMNS = ["env", "algorithm", "model", "envs", "samples/s (1 group)", "samples/s (2 groups)", "env steps/s (1)",
+                "env steps/s (2)", "2 groups / 1"]
+
+
+def _algo_cells(r: dict) -> list[object]:
+    if "skipped" in r:  # the measurement failed (e.g. out of memory): the row says why, the others go on
+        return [r["algo"], r["model"], r["num_envs"], f"skipped: {r['skipped']}", *["-"] * (len(ALGO_COLUMNS) - 4)]
+    return [r["algo"], r["model"], r["num_envs"], f"{r['rollout_samples']:.0f}", f"{r['rollout_ms']:.1f}",
+            f"{r['rollout_sps']:.1f}", f"{r['env_steps_ps']:.1f}", f"{r['update_steps']:.0f}",
+            f"{r['update_samples']:.0f}", f"{r['update_ms']:.1f}", f"{r['update_sps']:.1f}"]
+
+
+def _pipe_cells(r: dict) -> list[object]:
+    if "skipped" in r:
+        return [r["env"], r["algo"], r["model"], r["num_envs"], f"skipped: {r['skipped']}",
+                *["-"] * (len(PIPE_COLUMNS) - 5)]
+    return [r["env"], r["algo"], r["model"], r["num_envs"], f"{r['sps1']:.1f}", f"{r['sps2']:.1f}",
+            f"{r['esps1']:.1f}", f"{r['esps2']:.1f}", f"{r['ratio']:.2f}x"]
+
+
+def _table(columns: list[str], rows: list[list[object]]) -> list[str]:
+    return [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}",
+            *(f"| {' | '.join(_cell(c) for c in cells)} |" for cells in rows)]
+
+
 def markdown(rows: list[dict], pipe_rows: list[dict], header: str) -> str:
+    """The whole run's tables (printed at the end; ``--out`` records the same rows as they are measured)."""
     lines = [header]
     if rows:  # (--algos '' runs only the pipelined rows)
-        lines += ["", "Rollout: samples (one per env and chunk) and executed env steps per second of `algo.rollout` "
-                  "(SFT / ARFM: collecting the expert demonstrations, done once per run). Update: samples per second "
-                  "through loss → backward → clip → AdamW step. Medians over the repetitions.", "",
-                  "| algorithm | model | envs | rollout samples | rollout ms | rollout samples/s | env steps/s "
-                  "| update steps | update samples | update ms | update samples/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['algo']} | {r['model']} | {r['num_envs']} | {r['rollout_samples']:.0f} | "
-                     f"{r['rollout_ms']:.1f} | {r['rollout_sps']:.1f} | {r['env_steps_ps']:.1f} | "
-                     f"{r['update_steps']:.0f} | {r['update_samples']:.0f} | {r['update_ms']:.1f} | "
-                     f"{r['update_sps']:.1f} |")
+        lines += ["", ALGO_PARAGRAPH, "", *_table(ALGO_COLUMNS, [_algo_cells(r) for r in rows])]
     if pipe_rows:
-        lines += ["", "Pipelined rollout (`env.pipeline_groups` 2 vs 1, same process, repetitions interleaved). "
-                  "The reach env steps as batched torch ops in the caller: no gain expected there; subprocess "
-                  "envs (LIBERO) step while the policy acts for the other group.", "",
-                  "| env | algorithm | model | envs | samples/s (1 group) | samples/s (2 groups) "
-                  "| env steps/s (1) | env steps/s (2) | 2 groups / 1 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in pipe_rows:
-            lines.append(f"| {r['env']} | {r['algo']} | {r['model']} | {r['num_envs']} | {r['sps1']:.1f} | "
-                         f"{r['sps2']:.1f} | {r['esps1']:.1f} | {r['esps2']:.1f} | {r['ratio']:.2f}x |")
+        lines += ["", PIPE_PARAGRAPH, "", *_table(PIPE_COLUMNS, [_pipe_cells(r) for r in pipe_rows])]
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides.append(f"env.num_envs={args.num_envs}")
     overrides += args.set
     warmup, reps, update_steps = (0, 1, 2) if args.quick else (args.warmup, args.reps, args.update_steps)
+    # a bad --set is an error before any work (a failure inside a measurement is that row's skip reason)
+    envs_of = {a: make_config(a, args.model, overrides).env.num_envs for a in {*algos, args.pipeline_algo or "fpo"}}
     import flowkernels
 
     if dev.type == "cuda":  # the trainer's setting on a GPU: no host syncs for value checks
@@ -309,16 +327,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{torch.__version__}, {args.dtype}, optimizer: torch AdamW (no DeepSpeed), warm-up {warmup}, "
               f"reps {reps}{', --quick' if args.quick else ''})")
     print(f"# {header[3:]}", flush=True)
-    rows = []
+    out = Path(args.out) if args.out else None
+    # every row is appended as it is measured (a run cut by a time limit keeps its rows); a failing measurement
+    # (out of memory with --model small, a LIBERO worker that cannot start) is a skip row, and the others go on
+    algo_block = ResultsBlock(out, header, ALGO_PARAGRAPH, ALGO_COLUMNS)
+    pipe_block = ResultsBlock(out, f"{header}: pipelined rollout", PIPE_PARAGRAPH, PIPE_COLUMNS)
+    rows: list[dict] = []
     for a in algos:
-        r = bench_algo(a, args.model, overrides, dev, dtype, warmup, reps, update_steps)
+        try:
+            r = bench_algo(a, args.model, overrides, dev, dtype, warmup, reps, update_steps)
+            print(f"{a:<15} rollout {r['rollout_sps']:9.1f} samples/s {r['env_steps_ps']:9.1f} env steps/s | "
+                  f"update {r['update_sps']:9.1f} samples/s", flush=True)
+        except Exception as e:  # recorded as the row's skip reason
+            release_cuda(dev.type)
+            r = {"algo": a, "model": args.model, "num_envs": envs_of[a], "skipped": _reason(e)}
+            print(f"{a:<15} skipped: {r['skipped']}", flush=True)
         rows.append(r)
-        print(f"{a:<15} rollout {r['rollout_sps']:9.1f} samples/s {r['env_steps_ps']:9.1f} env steps/s | "
-              f"update {r['update_sps']:9.1f} samples/s", flush=True)
-    pipe_rows = []
+        algo_block.add(_algo_cells(r))
+    pipe_rows: list[dict] = []
+
+    def pipeline(label: str, algo: str, model: str, over: list[str]) -> None:
+        num_envs = make_config(algo, model, over).env.num_envs
+        try:
+            r = bench_pipeline(label, algo, model, over, dev, dtype, warmup, reps)
+            print(f"pipelined {r['env']} {r['algo']}: {r['sps1']:.1f} -> {r['sps2']:.1f} samples/s "
+                  f"({r['ratio']:.2f}x)", flush=True)
+        except Exception as e:  # the same
+            release_cuda(dev.type)
+            r = {"env": label, "algo": algo, "model": model, "num_envs": num_envs, "skipped": _reason(e)}
+            print(f"pipelined {label} {algo}: skipped: {r['skipped']}", flush=True)
+        pipe_rows.append(r)
+        pipe_block.add(_pipe_cells(r))
+
     if args.pipeline_algo:
-        pipe_rows.append(bench_pipeline("reach", args.pipeline_algo, args.model, overrides, dev, dtype, warmup,
-                                        reps))
+        pipeline("reach", args.pipeline_algo, args.model, overrides)
     if args.libero:
         from flowrl.envs.libero import libero_unavailable_reason
 
@@ -327,18 +369,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"--libero: skipped: {reason}", flush=True)
         else:
             lib = [*LIBERO, *(["algo.rollout_chunks=2"] if args.quick else [])]
-            pipe_rows.append(bench_pipeline("libero_spatial 64² fast", args.pipeline_algo or "fpo", "tiny",
-                                            [*overrides, *lib], dev, dtype, warmup, reps))
-    for r in pipe_rows:
-        print(f"pipelined {r['env']} {r['algo']}: {r['sps1']:.1f} -> {r['sps2']:.1f} samples/s "
-              f"({r['ratio']:.2f}x)", flush=True)
+            pipeline("libero_spatial 64² fast", args.pipeline_algo or "fpo", "tiny", [*overrides, *lib])
     text = markdown(rows, pipe_rows, header)
     print()
     print(text, end="")
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
-        print(f"appended to {args.out}")
+    if out is not None:
+        print(f"appended to {out}")
     return {"rows": rows, "pipeline": pipe_rows, "markdown": text}
 
 
