@@ -6,6 +6,7 @@ neither flowrl nor flowkernels, and downloads nothing (no tokenizer, no hub weig
 
     .venv-lerobot/bin/python scripts/lerobot_reference.py --variant pi0 --out /tmp/pi0_tiny [--seed 0]
     .venv-lerobot/bin/python scripts/lerobot_reference.py --variant pi05 --dump-keys      # key table (markdown)
+    .venv-lerobot/bin/python scripts/lerobot_reference.py --variant pi0 --out /tmp/pi0_tiny --load /tmp/exported
 
 What ``--out DIR`` receives:
 
@@ -297,6 +298,31 @@ def _check_reload(variant: str, out: Path, inputs, ref, num_steps: int) -> float
     return (again["actions"] - ref["actions"]).abs().max().item()
 
 
+def run_loaded(variant: str, ckpt: Path, ref_dir: Path, num_steps: int) -> int:
+    """``--load``: lerobot's ``from_pretrained`` on ``ckpt`` (e.g. written by flowrl's ``save_lerobot``) must load
+    every key (lerobot only prints a warning otherwise, and keeps its random weights); its ``sample_actions`` on
+    the inputs of ``ref_dir/reference.safetensors`` go to ``ref_dir/loaded.safetensors``."""
+    import contextlib
+    import io
+
+    from safetensors.torch import load_file
+
+    _patch_lerobot_builders()
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        policy = _policy_class(variant).from_pretrained(str(ckpt), local_files_only=True)
+    if "All keys loaded successfully!" not in log.getvalue():
+        print(f"error: lerobot did not load every key of {ckpt}:\n{log.getvalue()}", file=sys.stderr)
+        return 1
+    policy.to(torch.float32).eval()
+    inputs = {k: v for k, v in load_file(str(ref_dir / "reference.safetensors")).items()
+              if k in ("images", "img_masks", "lang_tokens", "lang_masks", "state", "noise")}
+    out = run_reference(policy, variant, inputs, num_steps)
+    save_file({"actions": out["actions"]}, str(ref_dir / "loaded.safetensors"))
+    print(f"{variant}: loaded {ckpt} with every key; actions written to {ref_dir / 'loaded.safetensors'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", choices=("pi0", "pi05"), required=True)
@@ -306,7 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-steps", type=int, default=TINY["num_inference_steps"], help="Euler steps K")
     ap.add_argument("--dump-keys", action="store_true", help="print the state-dict keys as a markdown table")
     ap.add_argument("--no-reload-check", action="store_true", help="skip reloading the saved checkpoint")
+    ap.add_argument("--load", type=Path, default=None,
+                    help="instead: load this checkpoint with lerobot (every key must load) and run sample_actions on "
+                         "the inputs of --out/reference.safetensors, into --out/loaded.safetensors")
     args = ap.parse_args(argv)
+    if args.load is not None:
+        if args.out is None:
+            ap.error("--load needs --out (the directory of an earlier run's reference.safetensors)")
+        return run_loaded(args.variant, args.load, args.out, args.num_steps)
     if args.out is None and not args.dump_keys:
         ap.error("--out is required unless --dump-keys")
 

@@ -317,5 +317,41 @@ def test_flowrl_matches_lerobot(lerobot_reference, variant: str) -> None:
     assert err <= ATOL, f"{meta['variant']}: flowrl vs lerobot actions max |Δ| = {err:.3e} > {ATOL:g}"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flowrl_trained_weights_load_back_into_lerobot(lerobot_reference, variant: str, tmp_path) -> None:
+    """``Pi0Policy.save_lerobot``: weights trained here (a perturbation of every tensor, standing in for RL) written
+    in the layout of the lerobot checkpoint they came from load into lerobot's own ``PI0Policy`` /
+    ``PI05Policy`` with every key (lerobot only warns about a key it cannot load) and give flowrl's actions for
+    the same noise (≤ 1e-4 fp32), visibly different from the untrained checkpoint's."""
+    from safetensors.torch import load_file
+
+    from flowrl.models import Observation, Pi0Policy, PolicyConfig
+
+    reference = lerobot_reference(variant)
+    _, ref, meta = _load(reference)
+    policy = Pi0Policy.from_pretrained(str(reference), config=_flowrl_config(PolicyConfig, meta)).float().eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for t in policy.parameters():
+            t.add_(0.05 * t.abs().mean().clamp_min(1e-3) * torch.randn(t.shape, generator=g))
+    obs = Observation(images=ref["images"], image_masks=ref["img_masks"], tokens=ref["lang_tokens"],
+                      token_masks=ref["lang_masks"], state=ref["state"] if variant == "pi0" else None)
+    with torch.no_grad():
+        ours = policy.sample_actions(obs, mode="ode", num_steps=meta["K"], noise=ref["noise"].clone()).actions
+    out = policy.save_lerobot(tmp_path / "export", like=reference)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "reference.safetensors").write_bytes((reference / "reference.safetensors").read_bytes())
+    proc = subprocess.run([str(LEROBOT_PY), str(SCRIPT), "--variant", variant, "--out", str(run_dir), "--load",
+                           str(out), "--num-steps", str(meta["K"])], capture_output=True, text=True,
+                          env=lerobot_env(), cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    theirs = load_file(str(run_dir / "loaded.safetensors"))["actions"]
+    err = (ours.double() - theirs.double()).abs().max().item()
+    assert err <= ATOL, f"{variant}: lerobot on the exported weights vs flowrl: max |Δ| = {err:.3e}"
+    moved = (theirs.double() - ref["actions"].double()).abs().max().item()
+    assert moved > 100 * ATOL, f"{variant}: the exported weights give the untrained actions (Δ {moved:.2e})"
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-ra"]))

@@ -656,3 +656,157 @@ def test_all_bf16_parameters(variant):
     for name in ("action_in_proj.weight", "action_out_proj.weight", "noise_head.fc2.weight", "value_vlm.w1"):
         grad = dict(p16.named_parameters())[name].grad
         assert grad is not None and grad.dtype == torch.bfloat16 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def _lerobot_dir(p: Pi0Policy, d, dtype=torch.float32, extra_files: bool = True):
+    """``p``'s weights in lerobot's layout (tied LM head saved once, an expert LM head it does not use), with
+    lerobot-like side files (processor config and normalization statistics)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    c = p.config
+    sd = to_lerobot_state_dict(p.state_dict())
+    sd["model.paligemma_with_expert.paligemma.lm_head.weight"] = sd.pop(
+        "model.paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight")
+    sd["model.paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.arange(4 * c.expert_width).float().view(4, -1)
+    d.mkdir()
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    cams = {f"observation.images.cam{i}": {"type": "VISUAL", "shape": [3, 32, 32]} for i in range(c.num_cameras)}
+    (d / "config.json").write_text(json.dumps({
+        "type": c.variant, "chunk_size": c.action_horizon, "tokenizer_max_length": c.max_token_len,
+        "image_resolution": [c.image_size, c.image_size], "input_features": cams, "dtype": "float32",
+        "max_state_dim": c.max_state_dim}))
+    if extra_files:
+        (d / "policy_preprocessor.json").write_text('{"steps": ["normalizer"]}')
+        save_file({"observation.state.mean": torch.arange(3.0)}, str(d / "policy_preprocessor_step_0.safetensors"))
+    return d
+
+
+def test_save_lerobot_round_trip(policy, tmp_path):
+    """save_lerobot writes trained weights in the layout of the lerobot checkpoint they came from: the same keys,
+    shapes and dtypes (lerobot's from_pretrained loads exactly that), the side files copied, the tied LM head =
+    the trained embedding, the expert's unused LM head kept; loading the result gives the trained weights."""
+    from safetensors import safe_open
+
+    c = policy.config
+    kw = {"vision_heads": c.vision_heads, "value_heads": c.value_heads, "noise_head_hidden": c.noise_head_hidden,
+          "value_hidden": c.value_hidden}
+    src = _lerobot_dir(policy, tmp_path / "lerobot")
+    q = Pi0Policy.from_pretrained(src, **kw)
+    with torch.no_grad():  # "training": every tensor moves
+        for t in q.parameters():
+            t.add_(0.01 * torch.randn_like(t))
+    out = q.save_lerobot(tmp_path / "export", like=src)
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in src.iterdir())
+    for name in ("config.json", "policy_preprocessor.json", "policy_preprocessor_step_0.safetensors"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    with safe_open(str(src / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and b.metadata() == {"format": "pt"}
+        for k in a.keys():
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            assert x.shape == y.shape and x.dtype == y.dtype, k
+            if k.endswith("gemma_expert.lm_head.weight"):
+                assert torch.equal(x, y)
+        assert torch.equal(b.get_tensor("model.paligemma_with_expert.paligemma.lm_head.weight"),
+                           q.state_dict()["embed_tokens.weight"])
+    r = Pi0Policy.from_pretrained(out, **kw)
+    mine = q.state_dict()
+    for k, v in r.state_dict().items():
+        if not k.startswith(("noise_head", "value_")):
+            assert torch.equal(v, mine[k]), k
+    # bf16 source: the export keeps lerobot's dtypes
+    src16 = _lerobot_dir(policy, tmp_path / "lerobot16", dtype=torch.bfloat16, extra_files=False)
+    q.save_lerobot(tmp_path / "export16", like=src16)
+    with safe_open(str(tmp_path / "export16" / "model.safetensors"), "pt") as b:
+        assert {b.get_tensor(k).dtype for k in b.keys()} == {torch.bfloat16}
+
+
+def test_save_lerobot_refuses_what_lerobot_would_not_load(policy, tmp_path):
+    """lerobot's from_pretrained only prints a warning for keys it cannot load and keeps a random model, so every
+    mismatch must be an error here; an existing directory is not overwritten unless asked."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    c = policy.config
+    src = _lerobot_dir(policy, tmp_path / "lerobot", extra_files=False)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        policy.save_lerobot(out, like=src)
+    assert (out / "keep.txt").exists()
+    policy.save_lerobot(out, like=src, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".export*")), "staging directories left behind"
+    with pytest.raises(ValueError, match="like's own directory"):
+        policy.save_lerobot(src, like=src, overwrite=True)
+    with pytest.raises(ValueError, match="is a flowrl checkpoint"):
+        policy.save_pretrained(tmp_path / "ours")
+        policy.save_lerobot(tmp_path / "e2", like=tmp_path / "ours")
+    other = "pi05" if c.variant == "pi0" else "pi0"
+    meta = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**meta, "type": other}))
+    with pytest.raises(ValueError, match=f"is a lerobot '{other}' checkpoint, the policy is '{c.variant}'"):
+        policy.save_lerobot(tmp_path / "e3", like=src)
+    (src / "config.json").write_text(json.dumps(meta))
+    sd = load_file(str(src / "model.safetensors"))
+    sd["model.paligemma_with_expert.something_new.weight"] = torch.zeros(1)
+    sd.pop("model.action_out_proj.bias")
+    sd["model.action_in_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(src / "model.safetensors"))
+    with pytest.raises(CheckpointKeyError) as ei:
+        policy.save_lerobot(tmp_path / "e4", like=src)
+    msg = str(ei.value)
+    assert "something_new" in msg and "action_out_proj.bias" in msg
+    assert "model.action_in_proj.weight: like (3, 3)" in msg
+    assert not (tmp_path / "e4").exists()
+
+
+def test_export_lerobot_cli_follows_init_from(policy, tmp_path, capsys):
+    """``python -m flowrl.export_lerobot``: a run that started from a run that started from a lerobot checkpoint
+    is written in that lerobot checkpoint's layout (``model.init_from`` followed); ``--like`` overrides it; a run
+    without a lerobot origin, a missing origin and a VLA-FPO checkpoint are errors naming what to do."""
+    import json
+
+    from flowrl.export_lerobot import main, source_checkpoint
+
+    c = policy.config
+    kw = {"vision_heads": c.vision_heads, "value_heads": c.value_heads, "noise_head_hidden": c.noise_head_hidden,
+          "value_hidden": c.value_hidden}
+    src = _lerobot_dir(policy, tmp_path / "lerobot")
+
+    def run_ckpt(name: str, init_from, scale: float):
+        ck = tmp_path / name / "checkpoints" / "iter_000000"
+        q = Pi0Policy.from_pretrained(src, **kw)
+        with torch.no_grad():
+            for t in q.parameters():
+                t.mul_(scale)
+        q.save_pretrained(ck / "policy")
+        init = str(init_from) if init_from else None
+        (ck / "train_config.json").write_text(json.dumps({"model": {"init_from": init}}))
+        return ck, q
+
+    a, _ = run_ckpt("a", src, 1.5)
+    b, qb = run_ckpt("b", a, 2.0)
+    assert source_checkpoint(b) == src and source_checkpoint(b / "policy") == src
+    out = main(["--checkpoint", str(b), "--out", str(tmp_path / "out")])
+    assert "layout and config of" in capsys.readouterr().out
+    r = Pi0Policy.from_pretrained(out, **kw)
+    mine = qb.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in r.state_dict().items() if not k.startswith(("noise_", "value_")))
+    main(["--checkpoint", str(b), "--out", str(tmp_path / "out2"), "--like", str(src)])
+    assert (tmp_path / "out2" / "policy_preprocessor.json").is_file()
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        main(["--checkpoint", str(b), "--out", str(out)])
+    scratch, _ = run_ckpt("scratch", None, 1.0)
+    with pytest.raises(ValueError, match=r"did not start from a lerobot / openpi checkpoint .* pass --like DIR"):
+        main(["--checkpoint", str(scratch), "--out", str(tmp_path / "out3")])
+    gone, _ = run_ckpt("gone", tmp_path / "moved_away", 1.0)
+    with pytest.raises(FileNotFoundError, match=r"moved_away, which does not exist here .*pass --like"):
+        main(["--checkpoint", str(gone), "--out", str(tmp_path / "out4")])
+    (b / "latent_actor.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="VLA-FPO checkpoint"):
+        main(["--checkpoint", str(b), "--out", str(tmp_path / "out5")])

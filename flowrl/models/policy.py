@@ -1110,6 +1110,14 @@ class Pi0Policy(nn.Module):
         cfg = {"flowrl_policy": True, **self.config.to_dict()}
         write_atomic(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True).encode())
 
+    def save_lerobot(self, directory: str | os.PathLike, like: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the weights as a lerobot PI0Policy / PI05Policy (or openpi PyTorch) checkpoint in the layout of
+        ``like``, the checkpoint they were loaded from: lerobot's ``from_pretrained`` then loads them. See
+        :func:`flowrl.models.weights.save_lerobot`."""
+        from flowrl.models.weights import save_lerobot
+
+        return save_lerobot(self, directory, like, overwrite=overwrite)
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, config: PolicyConfig | None = None,
                         strict: bool = True, verify: bool = True, **overrides: Any) -> Pi0Policy:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from flowrl.models.policy import Pi0Policy
 
 __all__ = ["DIGEST_KEY", "KEY_ALIASES", "KEY_MAP", "CheckpointKeyError", "check_digest", "from_lerobot_state_dict",
-           "load_policy", "read_safetensors", "save_safetensors", "tensor_digest", "to_lerobot_state_dict"]
+           "load_policy", "read_safetensors", "save_lerobot", "save_safetensors", "tensor_digest",
+           "to_lerobot_state_dict"]
 
 #: safetensors metadata key of the SHA-256 digest that ``save_pretrained`` records (:func:`tensor_digest`).
 DIGEST_KEY = "flowrl_sha256"
@@ -143,24 +144,32 @@ def _normalize(key: str, variant: str) -> str:
     return key
 
 
+def _our_key(key: str, variant: str) -> str | None:
+    """The policy key of a lerobot / openpi source key; ``""`` for a key the policy does not use
+    (:data:`IGNORED_KEYS`), ``None`` for an unmatched one."""
+    k = _normalize(key, variant)
+    if k in IGNORED_KEYS:
+        return ""
+    for ours, theirs in sorted(KEY_MAP, key=lambda kv: -len(kv[1])):  # longest source prefix first
+        if k.startswith(theirs):
+            return ours + k[len(theirs):]
+    return None
+
+
 def from_lerobot_state_dict(sd: dict[str, torch.Tensor], variant: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """lerobot / openpi keys → our keys. Returns ``(mapped, unmatched source keys)``."""
-    table = sorted(KEY_MAP, key=lambda kv: -len(kv[1]))  # longest source prefix first
     out: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
     lm_head = None
     for key, val in sd.items():
-        k = _normalize(key, variant)
-        if k in IGNORED_KEYS:
-            if k == IGNORED_KEYS[0]:
+        ours = _our_key(key, variant)
+        if ours == "":
+            if _normalize(key, variant) == IGNORED_KEYS[0]:
                 lm_head = val
-            continue
-        for ours, theirs in table:
-            if k.startswith(theirs):
-                out[ours + k[len(theirs):]] = val
-                break
-        else:
+        elif ours is None:
             unmatched.append(key)
+        else:
+            out[ours] = val
     if "embed_tokens.weight" not in out and lm_head is not None:  # tied embeddings saved once
         out["embed_tokens.weight"] = lm_head
     return out, unmatched
@@ -181,6 +190,102 @@ def to_lerobot_state_dict(sd: dict[str, torch.Tensor], prefix: str = "model.") -
         else:
             raise KeyError(f"to_lerobot_state_dict: no lerobot name for {key!r}")
     return out
+
+
+def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os.PathLike,
+                 overwrite: bool = False) -> Path:
+    """Write ``policy``'s weights as a lerobot PI0Policy / PI05Policy (or openpi PyTorch) checkpoint directory,
+    in the layout of the checkpoint ``like`` it was loaded from, so that lerobot's ``from_pretrained`` loads the
+    trained weights into the model it had (e.g. to deploy a policy fine-tuned here).
+
+    ``directory`` receives a copy of every file of ``like`` (``config.json``, lerobot's processor files with the
+    normalization statistics, ...) except ``model.safetensors``, which holds ``like``'s keys, shapes and dtypes with
+    the policy's values (the unused LM heads: the tied token embedding for PaliGemma's, ``like``'s own tensor for
+    the expert's). The new heads (value heads, Flow-Noise's noise head) have no place there and are left out;
+    ``config.json`` is ``like``'s (e.g. its ``num_inference_steps``). The directory is built beside its
+    destination and renamed into place.
+
+    Raises:
+        ValueError: ``like`` is not a lerobot / openpi checkpoint of this variant, or ``directory`` exists and is
+            not empty (``overwrite=True`` replaces it).
+        CheckpointKeyError: ``like``'s weights do not match the policy (keys it cannot map, sizes, or policy
+            weights that ``like`` has no key for): lerobot would not load the result (its ``from_pretrained``
+            only prints a warning and keeps a random model).
+    """
+    import shutil
+    import tempfile
+
+    src, dst = Path(like), Path(directory)
+    raw, st_meta = read_safetensors(src / "model.safetensors")
+    meta = _read_config_json(src / "config.json")
+    if meta.get("flowrl_policy") or st_meta.get("flowrl") == "pi0policy":
+        raise ValueError(f"save_lerobot: like={src} is a flowrl checkpoint; give the lerobot / openpi checkpoint "
+                         "the policy was loaded from (its file layout and config are copied)")
+    variant = policy.config.variant
+    if meta.get("type") not in (None, variant):
+        raise ValueError(f"save_lerobot: like={src} is a lerobot {meta.get('type')!r} checkpoint, the policy is "
+                         f"{variant!r}")
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"save_lerobot: directory {dst} is like's own directory: write to a new one")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise ValueError(f"save_lerobot: {dst} exists and is not empty (overwrite=True replaces it)")
+    own = {k: v.detach() for k, v in policy.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    unmatched, shape_errors, used = [], [], set()
+    for key, ref in raw.items():
+        ours = _our_key(key, variant)
+        if ours == "":  # unused by π0: PaliGemma's LM head is tied to the embedding; the expert's are kept
+            tied = _normalize(key, variant) == IGNORED_KEYS[0]
+            val = own["embed_tokens.weight"] if tied else ref
+            if tied:
+                used.add("embed_tokens.weight")  # a checkpoint that holds the tied pair once holds it there
+        elif ours is None or ours not in own:
+            unmatched.append(key)
+            continue
+        else:
+            val = own[ours]
+            used.add(ours)
+        if tuple(val.shape) != tuple(ref.shape):
+            shape_errors.append(f"{key}: like {tuple(ref.shape)} vs policy {tuple(val.shape)}")
+            continue
+        out[key] = val.to("cpu", ref.dtype).contiguous().clone()  # clone: a tied pair must not share storage
+    missing = [k for k in own if k not in used and not k.startswith(NEW_PREFIXES)]
+    if unmatched or shape_errors or missing:
+        raise CheckpointKeyError(str(src), unmatched, missing, shape_errors,
+                                 "save_lerobot: like must be the checkpoint the policy was loaded from (or one of "
+                                 "its sizes)")
+    from safetensors.torch import save_file
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        for f in src.iterdir():
+            if f.name == "model.safetensors":
+                continue
+            if f.is_dir():
+                shutil.copytree(f, stage / f.name)
+            else:
+                shutil.copy2(f, stage / f.name)
+        save_file(out, str(stage / "model.safetensors"), metadata={k: v for k, v in st_meta.items()
+                                                                   if k != DIGEST_KEY} or {"format": "pt"})
+        stage.chmod(0o777 & ~_umask())
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.replaced.{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(stage, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, dst)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dst
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _infer_config(sd: dict[str, torch.Tensor], meta: dict[str, Any], variant: str, overrides: dict[str, Any]
