@@ -6,6 +6,7 @@
 #   # on the device (run tool, carry [".whl"]):
 #   bash benchmarks/gpu_session.sh setup test kernels           # ~5-8 min (limits: 300+420+180+240 s)
 #   bash benchmarks/gpu_session.sh setup policy train lerobot   # ~6 min
+#   bash benchmarks/gpu_session.sh setup fit                    # ~4 min (the π0 memory check)
 #
 # Stages (in the order given; each under its own time limit, logged to $OUT/<stage>.log):
 #   setup    install the carried wheels (--no-index --no-deps) and build flowkernels' CUDA extension
@@ -22,6 +23,8 @@
 #   train    bench_train.py --model small (bf16), and short trainer runs with bf16=auto:
 #            fpo at ZeRO 1 and 2, sft then vla_fpo from its checkpoint
 #   lerobot  bench_lerobot.py --sizes small (lerobot from the carried wheel)
+#   fit      one iteration of the trainer with the full π0 (VLM frozen, ZeRO-2, bf16) at LIBERO's batch sizes
+#            on the reach task, FPO then Flow-Noise PPO: the peak CUDA memory of issue 5's 80 GB criterion
 # Benchmarks append to benchmarks/RESULTS.md as usual, each run its own dated block, row by row as
 # measured (a stage cut by its limit keeps the rows it measured); the file is copied to $OUT at the
 # end (the device keeps nothing), with a summary of every stage's exit status printed last.
@@ -83,15 +86,32 @@ do_train() {
       model.init_from=\$(ls -d $OUT/sft/checkpoints/iter_* | tail -1) &&
     rm -rf $OUT/*/checkpoints"
 }
+do_fit() {  # issue 5: the π0 config that trains the action expert and critic (VLM frozen) in one GPU with ZeRO-2
+  # the full π0 (3.24 B parameters, 317 M trained) on the reach task at LIBERO's batch sizes: 64 envs, H 50, H' 5,
+  # K 4, 16 chunks per rollout, minibatch 64 (FPO: 8 pairs each, 512 rows); one camera at 224² (LIBERO's π0 has
+  # two); the iteration's peak CUDA memory (peak_mem_gb) from metrics.jsonl. FIT_MODEL=tiny: a dry run of the stage
+  local fit="model.config=${FIT_MODEL:-pi0} model.freeze=expert_only model.overrides.action_horizon=50"
+  fit+=" env.image_size=224 env.chunk_steps=5 env.max_episode_steps=80 env.num_envs=64 algo.rollout_chunks=16"
+  fit+=" algo.epochs=1 algo.minibatch_size=64 algo.fpo_pairs=8 algo.num_steps=4 zero_stage=2 bf16=true"
+  fit+=" sft_iterations=0 iterations=1 eval_episodes=0 checkpoint_every=0 tensorboard=false plot=false progress=false"
+  fit+=" ${FIT_EXTRA:-}"  # more overrides (a CPU dry run: FIT_MODEL=tiny FIT_EXTRA="env.image_size=32 env.num_envs=4 ...")
+  stage fit 420 "
+    for a in fpo flow_noise_ppo; do
+      $PY flowrl/train.py --config flowrl/configs/reach_\$a.yaml $fit run_dir=$OUT/fit_\$a &&
+      $PY -c \"import json, sys; m = json.loads(open(sys.argv[1]).readlines()[-1]); print(sys.argv[2], 'π0 ZeRO-2 bf16:',
+        'peak_mem_gb', m.get('peak_mem_gb'), 'rollout_s', round(m['rollout_s'], 1), 'update_s', round(m['update_s'], 1))\" \\
+        $OUT/fit_\$a/metrics.jsonl \$a || exit 1
+    done"
+}
 do_lerobot() {
   stage lerobot 420 "$PY benchmarks/bench_lerobot.py --device $DEVICE --sizes small --batches 1,8,64"
 }
 
-[ $# -eq 0 ] && set -- setup test kernels policy train lerobot
+[ $# -eq 0 ] && set -- setup test kernels policy train fit lerobot
 for s in "$@"; do
   case $s in
-    setup | test | kernels | ops | attention | policy | train | lerobot) "do_$s" ;;
-    *) echo "unknown stage $s (setup test kernels ops attention policy train lerobot)" >&2; exit 2 ;;
+    setup | test | kernels | ops | attention | policy | train | fit | lerobot) "do_$s" ;;
+    *) echo "unknown stage $s (setup test kernels ops attention policy train fit lerobot)" >&2; exit 2 ;;
   esac
 done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
