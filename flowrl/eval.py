@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from flowrl.algos.base import to_policy_obs
+from flowrl.dist import any_rank, collective_device
 from flowrl.envs.base import VecEnv
 
 __all__ = ["eval_actions", "evaluate", "load_vla_fpo_noise", "main", "run_config", "run_episodes",
@@ -59,10 +60,11 @@ def eval_actions(policy: Any, obs: Any, gen: torch.Generator, num_steps: int, no
 
 @torch.no_grad()
 def run_episodes(policy: Any, env: VecEnv, seed: int, gen: torch.Generator, num_steps: int,
-                 noise_fn: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 noise_fn: Any = None, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Reset every env with ``seed`` and run each one's first episode with ODE sampling (noise from
     ``gen``, or ``noise_fn`` as in :func:`eval_actions`). Returns success ``(B,)`` bool and return
-    ``(B,)`` of those episodes, on the CPU."""
+    ``(B,)`` of those episodes, on the CPU. ``world > 1``: a collective; the round stops when every rank's
+    episodes are over (the ranks stay in step: under ZeRO-3 every policy forward is a collective)."""
     obs = env.reset(seed=seed)
     alive = torch.ones(env.num_envs, dtype=torch.bool)
     succ = torch.zeros(env.num_envs, dtype=torch.bool)
@@ -73,7 +75,7 @@ def run_episodes(policy: Any, env: VecEnv, seed: int, gen: torch.Generator, num_
         ret += torch.where(alive, step.reward.cpu(), torch.zeros(env.num_envs))
         alive &= ~step.done.cpu()
         obs = step.obs
-        if not alive.any():
+        if not any_rank(bool(alive.any()), world):
             break
     return succ, ret
 
@@ -81,10 +83,9 @@ def run_episodes(policy: Any, env: VecEnv, seed: int, gen: torch.Generator, num_
 def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
     """The ranks' equal-sized ``(2, B)`` float64 rows, concatenated rank-major ``(2, world·B)`` on the CPU
     (through the device NCCL needs, or the host for gloo)."""
-    dist = torch.distributed
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = collective_device()
     parts = [torch.empty_like(x, device=dev) for _ in range(world)]
-    dist.all_gather(parts, x.to(dev))
+    torch.distributed.all_gather(parts, x.to(dev))
     return torch.cat([t.cpu() for t in parts], dim=1)
 
 
@@ -136,7 +137,7 @@ def evaluate(policy: Any, env: VecEnv, episodes: int, seed: int = 12345, num_ste
     rets: list[float] = []
     rnd = 0
     while len(succ) < episodes:
-        r_succ, r_ret = run_episodes(policy, env, seed + rnd, gen, num_steps, noise_fn)
+        r_succ, r_ret = run_episodes(policy, env, seed + rnd, gen, num_steps, noise_fn, world)
         rnd += 1
         rows = torch.stack([r_succ.double(), r_ret.double()])
         if world > 1:

@@ -13,6 +13,7 @@ each rank's trainer state) are written atomically every ``checkpoint_every`` ite
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -39,8 +40,8 @@ __all__ = ["build_algorithm", "build_env", "build_policy", "main", "train"]
 # ---------------------------------------------------------------------------------------- builders
 def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0, env_seed: int | None = None) -> Algorithm:
     """The algorithm object for ``name`` (default ``cfg.algo.name``), its generator seeded ``seed``.
-    ``env_seed`` (default ``seed``): the base of GRPO's per-iteration reset seeds (the trainer gives every rank
-    the run's seed: ranks hold their own global envs)."""
+    ``env_seed`` (default ``seed``): the base of GRPO's per-iteration reset seeds and of SFT / ARFM's
+    demonstration resets (the trainer gives every rank the run's seed: ranks hold their own global envs)."""
     from flowrl.algos.flow_ppo import FlowNoisePPO, FlowSDEPPO
     from flowrl.algos.fpo import FPO
     from flowrl.algos.grpo import GRPO
@@ -55,8 +56,8 @@ def build_algorithm(cfg: TrainConfig, name: str | None = None, seed: int = 0, en
         table["vla_fpo"] = VLAFPO
     if name not in table:
         raise ConfigError(f"algo.name: unknown algorithm {name!r}; expected one of {sorted(table)}")
-    if name == "grpo":
-        return GRPO(cfg.algo, seed, env_seed)
+    if name in ("grpo", "sft", "arfm"):  # their env resets: GRPO's per iteration, SFT / ARFM's demonstrations
+        return table[name](cfg.algo, seed, env_seed)
     return table[name](cfg.algo, seed)
 
 
@@ -258,12 +259,26 @@ def _all_reduce(stats: dict[str, float], world: int, op: str = "mean") -> dict[s
     Non-finite values count as 0."""
     if world == 1:
         return stats
+    from flowrl.dist import collective_device
+
     keys = sorted(stats)
-    t = torch.tensor([stats[k] if math.isfinite(stats[k]) else 0.0 for k in keys], dtype=torch.float64)
+    t = torch.tensor([stats[k] if math.isfinite(stats[k]) else 0.0 for k in keys], dtype=torch.float64,
+                     device=collective_device())  # NCCL reduces CUDA tensors only (a CPU one was an error there)
     reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
     torch.distributed.all_reduce(t, op=reduce_op)
     div = world if op == "mean" else 1
     return {k: float(v) / div for k, v in zip(keys, t.tolist())}
+
+
+def _min_over_ranks(n: int, world: int) -> int:
+    """The smallest of the ranks' ``n`` (a collective)."""
+    if world == 1:
+        return n
+    from flowrl.dist import collective_device
+
+    t = torch.tensor([n], dtype=torch.int64, device=collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
 
 
 def _peak_rss_gb() -> float:
@@ -314,7 +329,8 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
     opened.append(env)
     policy = build_policy(cfg, env).to(dev)
     main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank, env_seed=cfg.seed)
-    sft_algo = build_algorithm(cfg, "sft", seed=cfg.seed + 1000 * rank + 1) if cfg.sft_iterations else None
+    sft_algo = (build_algorithm(cfg, "sft", seed=cfg.seed + 1000 * rank + 1, env_seed=cfg.seed + 1)
+                if cfg.sft_iterations else None)
     total = cfg.sft_iterations + cfg.iterations
     # a GRPO env starts each group from one scene: the SFT warm-up's scripted expert would then record each demo
     # group_size times; it collects from an env with a scene per env (as the evaluation env)
@@ -356,10 +372,19 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         except Exception as e:  # DeepSpeed's bare asserts, size mismatches
             raise ConfigError(f"--resume: checkpoint {ckpt}: its DeepSpeed state (ds/) is incomplete or corrupt, or "
                               f"does not fit this run's model: {type(e).__name__}: {e}") from e
+        failed = None
         try:
             env.load_state_dict(st["env"])
         except ValueError as e:  # e.g. the env's settings were changed between the runs
-            raise ConfigError(f"--resume from {ckpt}: {e}") from e
+            failed = e
+        bad = _ranks_failing(failed is not None, rank, world)  # every rank stops (not one, leaving the others waiting)
+        if bad:
+            why = str(failed) if failed is not None else f"rank(s) {bad} could not restore their envs' state"
+            if "env_offset" in why:
+                why += (" (a multi-rank run of the built-in task saved before each rank's envs became the global envs "
+                        "[rank·num_envs, (rank+1)·num_envs): continue it with the commit that wrote it, or start a "
+                        "new run from it with model.init_from)")
+            raise ConfigError(f"--resume from {ckpt}: {why}") from failed
         main_algo.load_state_dict(st["algo"])
         policy.mark_weights_updated()  # DeepSpeed loaded the weights through .data
         if sft_algo is not None and "sft_algo" in st:
@@ -409,12 +434,13 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
             log(f"[flowrl] success before: {result['eval_before']['success_rate']:.3f}")
     for it in range(start_iter, total):
         algo = sft_algo if it < cfg.sft_iterations else main_algo
-        if sft_algo is not None and it == cfg.sft_iterations and cfg.eval_episodes:
-            policy.eval()
-            result["eval_after_sft"] = run_eval()
-            obs = env.reset(seed=rank_seed + 1)
-            if rank == 0:
-                log(f"[flowrl] success after SFT: {result['eval_after_sft']['success_rate']:.3f}")
+        if sft_algo is not None and it == cfg.sft_iterations:
+            if cfg.eval_episodes:
+                policy.eval()
+                result["eval_after_sft"] = run_eval()
+                if rank == 0:
+                    log(f"[flowrl] success after SFT: {result['eval_after_sft']['success_rate']:.3f}")
+            obs = env.reset(seed=rank_seed + 1)  # the RL phase starts from fresh episodes, evaluated or not
         opt.param_groups[0]["lr"] = offline_lr(cfg, it) if algo.name in ("sft", "arfm") else rl_lr(cfg, it)
         t0 = time.perf_counter()
         policy.eval()
@@ -427,10 +453,14 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         # window never straddles two rollouts or a checkpoint); a last partial window of r minibatches steps
         # on their mean (losses scaled by ga/r: DeepSpeed divides each by ga)
         ga = cfg.algo.grad_accum
-        count = algo.num_minibatches(batch)
+        # every rank takes the same number of optimizer steps (each one reduces the gradients over the ranks):
+        # GRPO's batch is its envs' episodes, of rank-dependent lengths, so a rank may have more minibatches than
+        # another; it leaves its extra ones out (the metric minibatches_skipped)
+        own = algo.num_minibatches(batch)
+        count = _min_over_ranks(own, world)
         tail = count % ga
         n_mb = n_steps = processed = 0
-        for mb in algo.minibatches(batch):
+        for mb in itertools.islice(algo.minibatches(batch), count):
             loss, st = algo.loss(engine.module, mb)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: non-finite loss {float(loss)} ({st})")
@@ -462,7 +492,7 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         metrics = {k: sum(v) / len(v) for k, v in agg.items()}
         metrics.update({k: float(v) for k, v in batch.stats.items()})
         metrics.update(rollout_s=t_roll, update_s=t_upd, samples=float(len(batch)), lr=float(opt.param_groups[0]["lr"]),
-                       optimizer_steps=float(n_steps),
+                       optimizer_steps=float(n_steps), minibatches_skipped=float(own - count),
                        rollout_samples_per_s=len(batch) / max(t_roll, 1e-9),
                        update_samples_per_s=processed / max(t_upd, 1e-9),
                        rollout_fraction=t_roll / max(t_roll + t_upd, 1e-9))
@@ -589,8 +619,9 @@ def _ranks_failing(failed: bool, rank: int, world: int) -> list[int]:
     """The ranks for which ``failed`` is True (a collective: every rank calls it)."""
     if not torch.distributed.is_initialized() or world == 1:
         return [rank] if failed else []
-    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
-    flags = torch.zeros(world, dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    from flowrl.dist import collective_device
+
+    flags = torch.zeros(world, dtype=torch.int64, device=collective_device())  # NCCL reduces CUDA tensors only
     flags[rank] = int(failed)
     torch.distributed.all_reduce(flags)
     return [r for r in range(world) if flags[r]]

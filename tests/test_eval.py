@@ -592,6 +592,16 @@ def test_evaluation_split_over_two_ranks_equals_one_rank_of_all_envs(tmp_path):
     assert r0["targets"] + r1["targets"] == env.targets.tolist()  # the ranks' scenes: one env of 6, split
 
 
+def test_evaluation_over_ranks_keeps_the_ranks_in_step(tmp_path):
+    """A round ends when every rank's episodes are over, not each rank's own: under ZeRO-3 every policy forward
+    is a collective, and a rank that stopped early paired its next collectives with the wrong ones (gloo:
+    "Received data size doesn't match", NCCL: a hang). Rank 0's episodes end at their first chunk, rank 1's run
+    to the limit (4 chunks): both make 4 policy calls; success counts only each env's first episode."""
+    r0, r1 = _two_rank_eval(tmp_path, "lockstep")
+    assert r0["policy_calls"] == r1["policy_calls"] == 4, (r0["policy_calls"], r1["policy_calls"])
+    assert r0["result"] == r1["result"] and r0["result"]["success_rate"] == 0.5, r0["result"]
+
+
 def test_evaluation_over_ranks_refuses_envs_of_different_sizes_on_every_rank(tmp_path):
     for r in _two_rank_eval(tmp_path, "mismatch"):
         assert "every rank needs an env of the same size, got num_envs [3, 4]" in r["error"], r

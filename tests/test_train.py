@@ -572,6 +572,20 @@ def test_train_closes_its_envs_when_it_returns_or_raises(tmp_path, monkeypatch):
     assert len(closed) == 2, closed  # the evaluation's env, then the rollout env
 
 
+def test_rl_after_an_sft_warm_up_starts_from_the_same_reset_evaluated_or_not(tmp_path, monkeypatch):
+    """After the SFT warm-up the RL phase resets the envs with seed·1000 + 1; the reset sat inside the
+    evaluation's branch, so with eval_episodes=0 RL went on from SFT's own reset (another seed, rank-dependent)."""
+    from flowrl.envs import ReachEnv
+
+    seeds: list[int | None] = []
+    real = ReachEnv.reset
+    monkeypatch.setattr(ReachEnv, "reset", lambda self, seed=None: (seeds.append(seed), real(self, seed))[1])
+    _run(tmp_path / "a", "algo.name=fpo", "algo.fpo_pairs=2", "seed=2", "sft_iterations=1", "iterations=1",
+         "eval_episodes=0", "checkpoint_every=0", "algo.num_demos=4", "algo.sft_steps=1", "algo.sft_batch=4",
+         "env.max_episode_steps=10")
+    assert seeds == [2000, 10_003, 3, 2001], seeds  # start; SFT's demos and its reset; RL
+
+
 # ---------------------------------------------------------------------------------------- 6. two ranks == one rank
 WORKER = REPO / "tests" / "ds_equiv_worker.py"
 
@@ -783,8 +797,42 @@ def test_two_rank_training_loop(tmp_path):
     ck = latest_checkpoint(run_dir)
     assert ck is not None
     ev = [torch.load(ck / f"trainer_rank{r}.pt", weights_only=False)["evals"]["eval_before"] for r in (0, 1)]
-    assert ev[0] == ev[1] and ev[0]["episodes"] == 7.0, ev
+    assert ev[0] == ev[1] and ev[0]["episodes"] == 7.0, ev  # the split itself: tests/test_eval.py
     assert "success before" in p.stdout and "-> after" in p.stdout
+
+
+def test_two_rank_grpo_with_episodes_of_different_lengths_and_a_resume_one_rank_refuses(tmp_path):
+    """GRPO on two ranks with episodes of several chunks: each rank's batch holds its own envs' episodes (of
+    different lengths), so the ranks' minibatch counts differ; every rank takes the smallest count (an optimizer
+    step reduces gradients over the ranks: unequal counts pair mismatched collectives). A resume whose env state
+    one rank cannot restore stops every rank with the ConfigError (only that rank raised, the other waited)."""
+    run_dir = tmp_path / "run"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    common = [f"run_dir={run_dir}", *TINY, "algo.name=grpo", "algo.group_size=2", "env.chunk_steps=5",
+              "env.max_episode_steps=20", "env.success_radius=0.4", "algo.minibatch_size=2", "checkpoint_every=1",
+              "eval_episodes=0"]
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN),
+                               *common, *extra], cwd=REPO, env=_sub_env(), capture_output=True, text=True,
+                              timeout=600)
+
+    p = launch("iterations=2")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    hist = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 2 and all(math.isfinite(h["policy_loss"]) and h["minibatches_skipped"] >= 0 for h in hist)
+    print("minibatches skipped (mean over the ranks):", [h["minibatches_skipped"] for h in hist],
+          "samples:", [h["samples"] for h in hist])
+    ck = latest_checkpoint(run_dir)
+    st = torch.load(ck / "trainer_rank1.pt", weights_only=False)
+    st["env"]["settings"]["env_offset"] = 0  # as a multi-rank run saved before ranks held global envs
+    torch.save(st, ck / "trainer_rank1.pt")
+    p = launch("iterations=3", "--resume")
+    assert p.returncode != 0
+    err = p.stderr
+    assert "env_offset: saved 0, this env 4" in err and "saved before each rank's envs became the global" in err, \
+        err[-3000:]
+    assert "rank(s) [1] could not restore their envs' state" in err, err[-3000:]  # rank 0 stopped too
 
 
 def test_init_from_takes_the_runs_model_settings(tmp_path):

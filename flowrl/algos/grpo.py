@@ -19,6 +19,7 @@ from flowrl.algos.base import Batch, cat_obs, masks_for, to_policy_obs
 from flowrl.algos.flow_ppo import FlowNoisePPO, FlowSDEPPO
 from flowrl.algos.fpo import FPO
 from flowrl.config import AlgoConfig
+from flowrl.dist import any_rank
 from flowrl.envs.base import EnvObs, VecEnv
 
 __all__ = ["GRPO"]
@@ -83,8 +84,10 @@ class _GRPOMixin:
             ret += torch.where(alive, step.reward.float(), 0.0)
             success |= alive & step.success
             alive &= ~step.done
-            if not alive.any():
-                break  # every env's first episode is over (a PipelinedEnv drops the steps in flight)
+            # every env's first episode is over, on every rank (under ZeRO-3 each policy forward is a collective);
+            # a PipelinedEnv drops the steps in flight
+            if not any_rank(bool(alive.any())):
+                break
         adv_env = L.grpo_advantages(ret.cpu(), G)
         n_t = len(stores)
         data = {k: torch.cat([s[k] for s in stores]) for k in stores[0]}

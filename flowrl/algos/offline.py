@@ -76,11 +76,11 @@ class SFT(Algorithm):
     on_policy = False
     weighted = False
 
-    def __init__(self, cfg: Any, seed: int = 0) -> None:
+    def __init__(self, cfg: Any, seed: int = 0, reset_seed: int | None = None) -> None:
         super().__init__(cfg, seed)
         self.data: Batch | None = None
         self.dim_mask: torch.Tensor | None = None
-        self.seed = seed
+        self.seed = seed if reset_seed is None else reset_seed  # the demonstrations' env resets (generator: seed)
 
     def rollout(self, env: VecEnv, policy: Any, obs: EnvObs) -> tuple[Batch, EnvObs]:
         if self.data is None:
