@@ -26,7 +26,7 @@ __all__ = ["main", "source_checkpoint"]
 
 def _is_flowrl(d: Path) -> bool:
     """Whether the checkpoint directory ``d`` (or its ``policy/``) holds a flowrl policy."""
-    from flowrl.models.weights import read_safetensors
+    from flowrl.models.weights import _safetensors_layout
 
     pol = d / "policy" if (d / "policy").is_dir() else d
     cfg = pol / "config.json"
@@ -38,7 +38,21 @@ def _is_flowrl(d: Path) -> bool:
             pass
     if not (pol / "model.safetensors").is_file():
         return (d / "checkpoints").is_dir() or (d / "train_config.json").is_file()  # a run directory
-    return read_safetensors(pol / "model.safetensors")[1].get("flowrl") == "pi0policy"
+    return _safetensors_layout(pol / "model.safetensors")[1].get("flowrl") == "pi0policy"  # the header only
+
+
+def _is_vla_fpo(ck: Path) -> bool:
+    """Whether the trainer checkpoint ``ck`` (or the checkpoint whose ``policy/`` it is) is a VLA-FPO run's."""
+    for d in (ck, ck.parent):
+        if (d / "latent_actor.safetensors").is_file():
+            return True
+        cfg = d / "train_config.json"
+        if cfg.is_file():
+            try:
+                return json.loads(cfg.read_text()).get("algo", {}).get("name") == "vla_fpo"
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                return False
+    return False
 
 
 def source_checkpoint(checkpoint: Path, max_hops: int = 32) -> Path | None:
@@ -60,9 +74,10 @@ def source_checkpoint(checkpoint: Path, max_hops: int = 32) -> Path | None:
         if not src.exists():
             raise FileNotFoundError(f"the run of {ck} started from model.init_from={init}, which does not exist "
                                     "here (a path relative to where that run was started?): pass --like")
+        src = resolve_checkpoint(src)  # a run directory or its checkpoints/: its latest checkpoint, as the trainer
         if not _is_flowrl(src):
             return src
-        ck = resolve_checkpoint(src)
+        ck = src
     raise ValueError(f"model.init_from of {checkpoint} goes through more than {max_hops} runs: pass --like")
 
 
@@ -79,9 +94,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     args = p.parse_args(argv)
     ck = resolve_checkpoint(Path(args.checkpoint))
-    if (ck / "latent_actor.safetensors").is_file():
+    if _is_vla_fpo(ck):
         raise ValueError(f"{ck} is a VLA-FPO checkpoint: its trained part is the latent actor that steers the frozen "
                          "π0, which a lerobot model cannot hold (exporting the π0 would export the untrained policy)")
+    out = Path(args.out).resolve()
+    if ck.resolve().is_relative_to(out):
+        raise ValueError(f"--out {args.out} holds the checkpoint {ck}: writing it would delete the checkpoint")
     like: Any = Path(args.like) if args.like else source_checkpoint(ck)
     if like is None:
         raise ValueError(f"{ck}: its run did not start from a lerobot / openpi checkpoint (model.init_from), so "

@@ -670,7 +670,7 @@ def _lerobot_dir(p: Pi0Policy, d, dtype=torch.float32, extra_files: bool = True)
     sd["model.paligemma_with_expert.paligemma.lm_head.weight"] = sd.pop(
         "model.paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight")
     sd["model.paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.arange(4 * c.expert_width).float().view(4, -1)
-    d.mkdir()
+    d.mkdir(parents=True)
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(d / "model.safetensors"),
               metadata={"format": "pt"})
     cams = {f"observation.images.cam{i}": {"type": "VISUAL", "shape": [3, 32, 32]} for i in range(c.num_cameras)}
@@ -741,7 +741,7 @@ def test_save_lerobot_refuses_what_lerobot_would_not_load(policy, tmp_path):
     policy.save_lerobot(out, like=src, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert not list(tmp_path.glob(".export*")), "staging directories left behind"
-    with pytest.raises(ValueError, match="like's own directory"):
+    with pytest.raises(ValueError, match="is, holds or lies inside like="):
         policy.save_lerobot(src, like=src, overwrite=True)
     with pytest.raises(ValueError, match="is a flowrl checkpoint"):
         policy.save_pretrained(tmp_path / "ours")
@@ -810,3 +810,65 @@ def test_export_lerobot_cli_follows_init_from(policy, tmp_path, capsys):
     (b / "latent_actor.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="VLA-FPO checkpoint"):
         main(["--checkpoint", str(b), "--out", str(tmp_path / "out5")])
+
+
+def test_save_lerobot_never_deletes_like_or_leaves_debris(policy, tmp_path, monkeypatch):
+    """An export directory that holds like, or lies inside it, is refused (overwrite=True would have deleted like;
+    staging inside like copied the staging directory into itself); a plain file in the way is replaced without
+    a leftover; a failure while moving the new export into place puts the previous one back."""
+    import os
+
+    src = _lerobot_dir(policy, tmp_path / "ckpts" / "pi0", extra_files=False)
+    for bad in (tmp_path / "ckpts", src / "export"):
+        with pytest.raises(ValueError, match="is, holds or lies inside like="):
+            policy.save_lerobot(bad, like=src, overwrite=True)
+    assert (src / "model.safetensors").is_file() and sorted(os.listdir(src)) == ["config.json", "model.safetensors"]
+    f = tmp_path / "out_file"
+    f.write_text("not a directory")
+    policy.save_lerobot(f, like=src, overwrite=True)
+    assert f.is_dir() and sorted(os.listdir(tmp_path)) == ["ckpts", "out_file"]
+    before = (f / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def fail_into_place(a, b):
+        if str(a).startswith(str(tmp_path / ".out_file.")) and ".replaced." not in str(a):
+            raise OSError("no space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", fail_into_place)
+    with pytest.raises(OSError, match="no space left"):
+        policy.save_lerobot(f, like=src, overwrite=True)
+    assert (f / "model.safetensors").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpts", "out_file"]
+
+
+def test_export_lerobot_cli_refusals(policy, tmp_path):
+    """The export CLI refuses a VLA-FPO checkpoint also when given its policy/ directory (the π0 there is the
+    frozen, untrained one), and an --out that holds the checkpoint; it follows model.init_from=<run>/checkpoints
+    (a form the trainer takes) to the run's latest checkpoint."""
+    import json
+
+    from flowrl.export_lerobot import main, source_checkpoint
+
+    c = policy.config
+    kw = {"vision_heads": c.vision_heads, "value_heads": c.value_heads, "noise_head_hidden": c.noise_head_hidden,
+          "value_hidden": c.value_hidden}
+    src = _lerobot_dir(policy, tmp_path / "lerobot", extra_files=False)
+
+    def run_ckpt(run: str, init_from, algo: str = "fpo"):
+        ck = tmp_path / run / "checkpoints" / "iter_000003"
+        Pi0Policy.from_pretrained(src, **kw).save_pretrained(ck / "policy")
+        (ck / "train_config.json").write_text(json.dumps({"model": {"init_from": str(init_from)},
+                                                          "algo": {"name": algo}}))
+        (ck.parent / "latest").write_text(ck.name)
+        return ck
+
+    a = run_ckpt("a", src)
+    b = run_ckpt("b", tmp_path / "a" / "checkpoints")
+    assert source_checkpoint(b) == src
+    with pytest.raises(ValueError, match="holds the checkpoint"):
+        main(["--checkpoint", str(tmp_path / "b"), "--out", str(tmp_path / "b"), "--overwrite"])
+    assert (b / "policy" / "model.safetensors").is_file()
+    v = run_ckpt("v", a, algo="vla_fpo")
+    for given in (v, v / "policy"):
+        with pytest.raises(ValueError, match="VLA-FPO checkpoint"):
+            main(["--checkpoint", str(given), "--out", str(tmp_path / "o")])

@@ -216,7 +216,7 @@ def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os
     import tempfile
 
     src, dst = Path(like), Path(directory)
-    raw, st_meta = read_safetensors(src / "model.safetensors")
+    layout, st_meta = _safetensors_layout(src / "model.safetensors")  # names, shapes, dtypes: no tensor read
     meta = _read_config_json(src / "config.json")
     if meta.get("flowrl_policy") or st_meta.get("flowrl") == "pi0policy":
         raise ValueError(f"save_lerobot: like={src} is a flowrl checkpoint; give the lerobot / openpi checkpoint "
@@ -225,37 +225,45 @@ def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os
     if meta.get("type") not in (None, variant):
         raise ValueError(f"save_lerobot: like={src} is a lerobot {meta.get('type')!r} checkpoint, the policy is "
                          f"{variant!r}")
-    if src.resolve() == dst.resolve():
-        raise ValueError(f"save_lerobot: directory {dst} is like's own directory: write to a new one")
+    rs, rd = src.resolve(), dst.resolve()
+    if rs.is_relative_to(rd) or rd.is_relative_to(rs):  # replacing dst would delete like; staging would copy itself
+        raise ValueError(f"save_lerobot: directory {dst} is, holds or lies inside like={src}: write to a directory "
+                         "of its own")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise ValueError(f"save_lerobot: {dst} exists and is not empty (overwrite=True replaces it)")
     own = {k: v.detach() for k, v in policy.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     unmatched, shape_errors, used = [], [], set()
-    for key, ref in raw.items():
+    kept: list[str] = []  # like's tensors the policy has no use for (the expert's LM head and embedding)
+    for key, (shape, dtype) in layout.items():
         ours = _our_key(key, variant)
         if ours == "":  # unused by π0: PaliGemma's LM head is tied to the embedding; the expert's are kept
-            tied = _normalize(key, variant) == IGNORED_KEYS[0]
-            val = own["embed_tokens.weight"] if tied else ref
-            if tied:
-                used.add("embed_tokens.weight")  # a checkpoint that holds the tied pair once holds it there
+            if _normalize(key, variant) != IGNORED_KEYS[0]:
+                kept.append(key)
+                continue
+            val = own["embed_tokens.weight"]
+            used.add("embed_tokens.weight")  # a checkpoint that holds the tied pair once holds it there
         elif ours is None or ours not in own:
             unmatched.append(key)
             continue
         else:
             val = own[ours]
             used.add(ours)
-        if tuple(val.shape) != tuple(ref.shape):
-            shape_errors.append(f"{key}: like {tuple(ref.shape)} vs policy {tuple(val.shape)}")
+        if tuple(val.shape) != shape:
+            shape_errors.append(f"{key}: like {shape} vs policy {tuple(val.shape)}")
             continue
-        out[key] = val.to("cpu", ref.dtype).contiguous().clone()  # clone: a tied pair must not share storage
+        out[key] = val.to("cpu", dtype).contiguous().clone()  # clone: a tied pair must not share storage
     missing = [k for k in own if k not in used and not k.startswith(NEW_PREFIXES)]
     if unmatched or shape_errors or missing:
         raise CheckpointKeyError(str(src), unmatched, missing, shape_errors,
                                  "save_lerobot: like must be the checkpoint the policy was loaded from (or one of "
                                  "its sizes)")
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
+    if kept:
+        with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in kept})
     dst.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -269,17 +277,46 @@ def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os
         save_file(out, str(stage / "model.safetensors"), metadata={k: v for k, v in st_meta.items()
                                                                    if k != DIGEST_KEY} or {"format": "pt"})
         stage.chmod(0o777 & ~_umask())
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.replaced.{os.getpid()}")
+        old = dst.with_name(f".{dst.name}.replaced.{os.getpid()}")
+        if dst.exists() or dst.is_symlink():
             os.replace(dst, old)
+        try:
             os.replace(stage, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, dst)
+        except BaseException:
+            if (old.exists() or old.is_symlink()) and not dst.exists():
+                os.replace(old, dst)  # the previous export (or file) back in its place
+            raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
     return dst
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _safetensors_layout(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, str]]:
+    """``{name: (shape, dtype)}`` and the metadata of a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent} (a local checkpoint directory is required)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            layout = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                dt = _ST_DTYPES.get(sl.get_dtype())
+                layout[k] = (tuple(sl.get_shape()), dt if dt is not None else f.get_tensor(k).dtype)
+            return layout, f.metadata() or {}
+    except Exception as e:  # safetensors' own SafetensorError for a damaged header
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 def _umask() -> int:
