@@ -687,7 +687,8 @@ def _lerobot_dir(p: Pi0Policy, d, dtype=torch.float32, extra_files: bool = True)
 def test_save_lerobot_round_trip(policy, tmp_path):
     """save_lerobot writes trained weights in the layout of the lerobot checkpoint they came from: the same keys,
     shapes and dtypes (lerobot's from_pretrained loads exactly that), the side files copied, the tied LM head =
-    the trained embedding, the expert's unused LM head kept; loading the result gives the trained weights."""
+    the trained embedding, the expert's unused LM head kept; loading the result gives the trained weights. The
+    same for openpi's PyTorch layout."""
     from safetensors import safe_open
 
     c = policy.config
@@ -716,6 +717,20 @@ def test_save_lerobot_round_trip(policy, tmp_path):
     for k, v in r.state_dict().items():
         if not k.startswith(("noise_head", "value_")):
             assert torch.equal(v, mine[k]), k
+    # openpi's PyTorch layout (lerobot's keys without "model.", no config.json): written in that layout
+    from safetensors.torch import load_file, save_file
+
+    op = tmp_path / "openpi"
+    op.mkdir()
+    save_file({k.removeprefix("model."): v for k, v in load_file(str(src / "model.safetensors")).items()},
+              str(op / "model.safetensors"))
+    q.save_lerobot(tmp_path / "export_openpi", like=op)
+    assert sorted(f.name for f in (tmp_path / "export_openpi").iterdir()) == ["model.safetensors"]
+    back = load_file(str(tmp_path / "export_openpi" / "model.safetensors"))
+    assert not any(k.startswith("model.") for k in back) and len(back) == len(load_file(str(op / "model.safetensors")))
+    r2 = Pi0Policy.from_pretrained(tmp_path / "export_openpi", config=r.config)
+    assert r2.load_format == "openpi"
+    assert all(torch.equal(v, mine[k]) for k, v in r2.state_dict().items() if not k.startswith(("noise_", "value_")))
     # bf16 source: the export keeps lerobot's dtypes
     src16 = _lerobot_dir(policy, tmp_path / "lerobot16", dtype=torch.bfloat16, extra_files=False)
     q.save_lerobot(tmp_path / "export16", like=src16)
