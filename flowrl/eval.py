@@ -5,6 +5,10 @@
     python -m flowrl.eval --checkpoint runs/pi0_libero_spatial_fpo [--suite libero_spatial] \\
         [--task-ids 0,1] [--init-states 50] [--videos 3 --video-dir videos] [--json result.json]
 
+On the built-in task the episodes can be split over processes (GPUs):
+``torchrun --nproc_per_node 4 -m flowrl.eval --checkpoint runs/default --episodes 1000`` (each rank runs
+``--num-envs`` envs, rounds of ranks·num-envs episodes; rank 0 prints and writes ``--json``).
+
 ``--checkpoint`` is a trainer checkpoint (``<run_dir>/checkpoints/iter_N``), a run directory or
 its ``checkpoints/`` folder (then the checkpoint ``latest`` points at), or a policy directory.
 
@@ -309,6 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{ck} is a VLA-FPO checkpoint without latent_actor.safetensors (saved with "
                              "zero_stage=3?): evaluating its frozen π0 alone would not evaluate the trained policy")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = _start_ranks(libero, device)
+    if world > 1 and torch.device(device).type == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"  # this rank's GPU (LOCAL_RANK)
     policy = from_pretrained(str(ck / "policy" if (ck / "policy").is_dir() else ck)).to(device).eval()
     num_steps = args.num_steps or cfg.algo.num_steps
     noise_fn, noise_name = None, "N(0, I)"
@@ -339,20 +346,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg.env.num_envs = args.num_envs or 32
         from flowrl.train import build_env
 
-        env = build_env(cfg, for_eval=True)  # one group (evaluate() steps every env at once)
+        # one group (evaluate() steps every env at once); rank r: the global envs [r·B, (r+1)·B)
+        env = build_env(cfg, rank, for_eval=True, world=world)
         try:
             if vla:
                 noise_fn, noise_name = load_vla_fpo_noise(ck, policy, cfg, env), "vla_fpo latent actor"
-            r = dict(evaluate(policy, env, args.episodes, args.seed, num_steps, noise_fn))
+            r = dict(evaluate(policy, env, args.episodes, args.seed, num_steps, noise_fn, rank=rank, world=world))
         finally:
             env.close()
         r["noise"] = noise_name
-        print(f"success {r['success_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) over "
-              f"{int(r['episodes'])} episodes; mean return {r['return']:.3f}; initial noise: {noise_name}")
-    if args.json:
+        if world > 1:
+            r["ranks"] = world
+        if rank == 0:
+            print(f"success {r['success_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) over "
+                  f"{int(r['episodes'])} episodes{f' on {world} ranks' if world > 1 else ''}; mean return "
+                  f"{r['return']:.3f}; initial noise: {noise_name}")
+    if args.json and rank == 0:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=1))
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return r
+
+
+def _start_ranks(libero: bool, device: str) -> tuple[int, int]:
+    """``(rank, world)`` of a ``torchrun`` launch (WORLD_SIZE > 1: the default process group is started, NCCL on
+    CUDA, else gloo, and each rank takes the GPU ``LOCAL_RANK``); ``(0, 1)`` for one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if libero:
+        raise ValueError(f"WORLD_SIZE={world}: the LIBERO evaluation runs in one process (its env workers run in "
+                         "parallel; --num-envs sets how many): start it without torchrun")
+    dist = torch.distributed
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 if __name__ == "__main__":

@@ -361,6 +361,46 @@ def test_cli_evaluates_vla_fpo_with_its_latent_actor(vla_fpo_checkpoint, tmp_pat
         policy, env, 8, 5, cfg.algo.num_steps)
 
 
+def test_cli_splits_the_episodes_over_torchrun_ranks(vla_fpo_checkpoint, tmp_path):
+    """``torchrun --nproc_per_node 2 -m flowrl.eval``: rank r evaluates the global envs [2r, 2r + 2) with its own
+    generator (seed + 1 000 003·r), rounds of 4 episodes counted rank-major; rank 0 alone prints and writes the
+    JSON. The expected result is rebuilt here from those rules, one rank after the other."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flowrl.eval import run_episodes, wilson_interval
+    from flowrl.train import build_env
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    p = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+                        str(port), "-m", "flowrl.eval", "--checkpoint", str(vla_fpo_checkpoint), "--episodes", "6",
+                        "--num-envs", "2", "--seed", "5", "--json", str(out)], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert p.stdout.count("success ") == 1 and "over 6 episodes on 2 ranks" in p.stdout, p.stdout
+    r = json.loads(out.read_text())
+    cfg, _, policy, algo = _rebuild(vla_fpo_checkpoint)
+    envs = [build_env(cfg, rank, for_eval=True, world=2) for rank in (0, 1)]
+    gens = [torch.Generator().manual_seed(5 + 1_000_003 * rank) for rank in (0, 1)]
+    succ, rets = [], []
+    for rnd in range(2):
+        for rank in (0, 1):
+            s_, r_ = run_episodes(policy, envs[rank], 5 + rnd, gens[rank], cfg.algo.num_steps, algo.eval_noise)
+            succ += s_.tolist()
+            rets += r_.tolist()
+    succ, rets = succ[:6], rets[:6]
+    assert r["episodes"] == 6 and r["ranks"] == 2 and r["success_rate"] == sum(succ) / 6, (r, succ)
+    assert (r["ci_low"], r["ci_high"]) == wilson_interval(sum(succ), 6)
+    assert r["return"] == pytest.approx(sum(rets) / 6, abs=1e-6)
+
+
 def test_cli_vla_fpo_without_latent_actor_fails_loudly(vla_fpo_checkpoint, tmp_path):
     import shutil
 
