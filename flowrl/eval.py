@@ -255,11 +255,6 @@ def _check_cli_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The eval CLI (see the module docstring); returns the result dict (also written by ``--json``)."""
-    import json
-
-    from flowrl.config import TrainConfig
-    from flowrl.models import from_pretrained
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a trainer checkpoint directory (iter_N/), a run directory or its checkpoints/ (its latest "
@@ -284,7 +279,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--flip", choices=("vertical", "rotate180"), default=None, help="default: the run's")
     args = p.parse_args(argv)
     _check_cli_args(args)
-    ck = resolve_checkpoint(Path(args.checkpoint))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, own_group = _start_ranks(device)
+    try:
+        return _main(args, device, rank, world)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _main(args: argparse.Namespace, device: str, rank: int, world: int) -> dict[str, Any]:
+    import json
+
+    from flowrl.config import TrainConfig
+    from flowrl.models import from_pretrained
+
+    # rank 0 resolves a run's latest checkpoint for all: a trainer finishing one in between would otherwise give
+    # the ranks different policies
+    ck = resolve_checkpoint(Path(args.checkpoint)) if rank == 0 else Path()
+    if world > 1:
+        box = [str(ck)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        ck = Path(box[0])
     cfg, saved = run_config(ck)
     libero = args.suite is not None or cfg.env.name == "libero"
     if not libero:  # LIBERO-only options on a reach run would be silently ignored
@@ -312,8 +328,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not latent.is_file():
             raise ValueError(f"{ck} is a VLA-FPO checkpoint without latent_actor.safetensors (saved with "
                              "zero_stage=3?): evaluating its frozen π0 alone would not evaluate the trained policy")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = _start_ranks(libero, device)
+    if world > 1 and libero:
+        raise ValueError(f"WORLD_SIZE={world}: the LIBERO evaluation runs in one process (its env workers run in "
+                         "parallel; --num-envs sets how many): start it without torchrun")
     if world > 1 and torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"  # this rank's GPU (LOCAL_RANK)
     policy = from_pretrained(str(ck / "policy" if (ck / "policy").is_dir() else ck)).to(device).eval()
@@ -364,29 +381,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json and rank == 0:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=1))
-    if world > 1:
-        torch.distributed.destroy_process_group()
     return r
 
 
-def _start_ranks(libero: bool, device: str) -> tuple[int, int]:
-    """``(rank, world)`` of a ``torchrun`` launch (WORLD_SIZE > 1: the default process group is started, NCCL on
-    CUDA, else gloo, and each rank takes the GPU ``LOCAL_RANK``); ``(0, 1)`` for one process."""
+def _start_ranks(device: str) -> tuple[int, int, bool]:
+    """``(rank, world, started)`` of a ``torchrun`` launch (WORLD_SIZE > 1: each rank takes the GPU ``LOCAL_RANK``
+    and the default process group is started, NCCL on CUDA, else gloo, unless the caller has one: ``started``
+    says whether it was started here, to be destroyed at the end); ``(0, 1, False)`` for one process."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
-    if libero:
-        raise ValueError(f"WORLD_SIZE={world}: the LIBERO evaluation runs in one process (its env workers run in "
-                         "parallel; --num-envs sets how many): start it without torchrun")
+        return 0, 1, False
     dist = torch.distributed
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    started = not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), started
 
 
 if __name__ == "__main__":

@@ -329,6 +329,8 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
     opened.append(env)
     policy = build_policy(cfg, env).to(dev)
     main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank, env_seed=cfg.seed)
+    if hasattr(main_algo, "world"):  # GRPO: its rollout's early stop is agreed over the ranks
+        main_algo.world = world
     sft_algo = (build_algorithm(cfg, "sft", seed=cfg.seed + 1000 * rank + 1, env_seed=cfg.seed + 1)
                 if cfg.sft_iterations else None)
     total = cfg.sft_iterations + cfg.iterations
@@ -460,7 +462,8 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         count = _min_over_ranks(own, world)
         tail = count % ga
         n_mb = n_steps = processed = 0
-        for mb in itertools.islice(algo.minibatches(batch), count):
+        mbs = algo.minibatches(batch)
+        for mb in itertools.islice(mbs, count):
             loss, st = algo.loss(engine.module, mb)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: non-finite loss {float(loss)} ({st})")
@@ -486,8 +489,10 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
             processed += len(mb)
             for k, v in st.items():
                 agg.setdefault(k, []).append(float(v))
-        if n_mb != count:
-            raise RuntimeError(f"{type(algo).__name__}: minibatches() yielded {n_mb}, num_minibatches() said {count}")
+        # a rank that took all its minibatches must have no more (the cap above must not hide a miscount)
+        if n_mb != count or (own == count and next(mbs, None) is not None):
+            raise RuntimeError(f"{type(algo).__name__}: minibatches() yielded {'more than ' if n_mb == count else ''}"
+                               f"{n_mb}, num_minibatches() said {own}")
         t_upd = time.perf_counter() - t1
         metrics = {k: sum(v) / len(v) for k, v in agg.items()}
         metrics.update({k: float(v) for k, v in batch.stats.items()})

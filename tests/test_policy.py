@@ -832,12 +832,40 @@ def test_save_lerobot_never_deletes_like_or_leaves_debris(policy, tmp_path, monk
     staging inside like copied the staging directory into itself); a plain file in the way is replaced without
     a leftover; a failure while moving the new export into place puts the previous one back."""
     import os
+    import shutil
 
     src = _lerobot_dir(policy, tmp_path / "ckpts" / "pi0", extra_files=False)
     for bad in (tmp_path / "ckpts", src / "export"):
         with pytest.raises(ValueError, match="is, holds or lies inside like="):
             policy.save_lerobot(bad, like=src, overwrite=True)
     assert (src / "model.safetensors").is_file() and sorted(os.listdir(src)) == ["config.json", "model.safetensors"]
+    # a symbolic link (here: placed inside like, pointing elsewhere; or dangling) would be checked at its target
+    # but staged and replaced at its own place, inside like
+    (tmp_path / "elsewhere").mkdir()
+    (src / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for bad in (src / "link", tmp_path / "dangling"):
+        with pytest.raises(ValueError, match="is a symbolic link"):
+            policy.save_lerobot(bad, like=src, overwrite=True)
+    (src / "link").unlink()
+    (tmp_path / "dangling").unlink()
+    os.rmdir(tmp_path / "elsewhere")
+    assert sorted(os.listdir(src)) == ["config.json", "model.safetensors"]
+    # like's read-only folders are copied with their modes: replacing such an export must still remove it
+    ro = tmp_path / "ro_like"
+    _lerobot_dir(policy, ro, extra_files=False)
+    (ro / "stats").mkdir()
+    (ro / "stats" / "mean.json").write_text("{}")
+    (ro / "stats").chmod(0o555)
+    try:
+        for _ in range(2):
+            policy.save_lerobot(tmp_path / "ro_out", like=ro, overwrite=True)
+        assert sorted(os.listdir(tmp_path)) == ["ckpts", "ro_like", "ro_out"], os.listdir(tmp_path)
+    finally:
+        (ro / "stats").chmod(0o755)
+        (tmp_path / "ro_out" / "stats").chmod(0o755)
+    for d in ("ro_like", "ro_out"):
+        shutil.rmtree(tmp_path / d)
     f = tmp_path / "out_file"
     f.write_text("not a directory")
     policy.save_lerobot(f, like=src, overwrite=True)

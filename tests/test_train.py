@@ -586,6 +586,23 @@ def test_rl_after_an_sft_warm_up_starts_from_the_same_reset_evaluated_or_not(tmp
     assert seeds == [2000, 10_003, 3, 2001], seeds  # start; SFT's demos and its reset; RL
 
 
+def test_an_algorithm_that_yields_more_minibatches_than_it_said_is_an_error(tmp_path, monkeypatch):
+    """The trainer plans its gradient-accumulation windows (and, over ranks, the agreed count) from
+    num_minibatches(); taking at most that many must not hide a minibatches() that yields more."""
+    from flowrl.algos.fpo import FPO
+
+    orig = FPO.minibatches
+
+    def twice(self, batch):
+        yield from orig(self, batch)
+        yield from orig(self, batch)
+
+    monkeypatch.setattr(FPO, "minibatches", twice)
+    with pytest.raises(RuntimeError, match="minibatches\\(\\) yielded more than 2, num_minibatches\\(\\) said 2"):
+        _run(tmp_path / "a", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "checkpoint_every=0",
+             "eval_episodes=0")
+
+
 # ---------------------------------------------------------------------------------------- 6. two ranks == one rank
 WORKER = REPO / "tests" / "ds_equiv_worker.py"
 

@@ -35,6 +35,9 @@ class _GRPOMixin:
     """GRPO's rollout and advantages on top of a likelihood's ``sample`` / ``ratio``."""
 
     normalize_advantages = False  # the group advantages (R − mean)/(std + 1e−6) as they are (DESIGN §1)
+    #: ranks that run the rollout together (the trainer sets it): > 1 makes it a collective, every rank runs the
+    #: chunks until every rank's episodes are over; 1 (the default) runs this process's envs alone
+    world = 1
 
     name = "grpo"
     uses_critic = False
@@ -56,7 +59,8 @@ class _GRPOMixin:
         """One episode of every env from a fresh reset (``group_size`` envs per scene).
 
         Per chunk, the only host read is whether any env is still in its first episode (from
-        the env's done flags, on the env's device: the host for LIBERO), to stop early.
+        the env's done flags, on the env's device: the host for LIBERO), to stop early; with
+        ``world > 1`` (set by the trainer) that is asked of every rank (a collective).
         """
         G = self.cfg.group_size
         if getattr(env, "group_size", 1) != G:
@@ -86,7 +90,7 @@ class _GRPOMixin:
             alive &= ~step.done
             # every env's first episode is over, on every rank (under ZeRO-3 each policy forward is a collective);
             # a PipelinedEnv drops the steps in flight
-            if not any_rank(bool(alive.any())):
+            if not any_rank(bool(alive.any()), self.world):
                 break
         adv_env = L.grpo_advantages(ret.cpu(), G)
         n_t = len(stores)

@@ -225,7 +225,9 @@ def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os
     if meta.get("type") not in (None, variant):
         raise ValueError(f"save_lerobot: like={src} is a lerobot {meta.get('type')!r} checkpoint, the policy is "
                          f"{variant!r}")
-    rs, rd = src.resolve(), dst.resolve()
+    if dst.is_symlink():  # the checks below would see its target, the staging and the swap act on the link's place
+        raise ValueError(f"save_lerobot: {dst} is a symbolic link: give the directory's real path")
+    rs, rd = src.resolve(), dst.parent.resolve() / dst.name
     if rs.is_relative_to(rd) or rd.is_relative_to(rs):  # replacing dst would delete like; staging would copy itself
         raise ValueError(f"save_lerobot: directory {dst} is, holds or lies inside like={src}: write to a directory "
                          "of its own")
@@ -287,13 +289,38 @@ def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os
                 os.replace(old, dst)  # the previous export (or file) back in its place
             raise
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        _remove_tree(stage)
         raise
     if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_tree(old)
     elif old.exists() or old.is_symlink():
         old.unlink()
     return dst
+
+
+def _remove_tree(path: Path) -> None:
+    """``shutil.rmtree`` that also removes read-only directories (``like``'s modes are copied along: a read-only
+    folder in it made the replaced export undeletable); what it cannot remove is a warning naming it, not a
+    silently kept copy."""
+    import shutil
+    import stat
+    import warnings
+
+    def retry(func: Any, p: str, _exc: Any) -> None:
+        parent = os.path.dirname(p)
+        for d in (parent, p):
+            try:
+                os.chmod(d, os.stat(d).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+            except OSError:
+                pass
+        func(p)
+
+    import sys
+
+    try:
+        shutil.rmtree(path, **({"onexc": retry} if sys.version_info >= (3, 12) else {"onerror": retry}))
+    except OSError as e:
+        warnings.warn(f"save_lerobot: could not remove {path} ({e}): delete it by hand", stacklevel=3)
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
