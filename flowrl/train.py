@@ -198,7 +198,22 @@ def _init_distributed() -> tuple[int, int]:
         os.environ.setdefault(k, v)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        release_shm_names()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``.
+
+    On CPU, DeepSpeed's shared-memory all-reduce gives every rank such a file (69 MB of RAM) when the process
+    group starts and never removes it: every run, even a one-process one, left one behind per rank until reboot
+    (16 GB of them here starved a later test into a timeout). Each rank maps every other rank's file while
+    ``init_distributed`` runs; after a barrier the names can go, and the mappings stay valid until exit."""
+    path = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    path.unlink(missing_ok=True)
 
 
 def _annealed(lr: float, schedule: str, i: int, n: int) -> float:

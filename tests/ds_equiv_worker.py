@@ -95,6 +95,9 @@ def main() -> None:
                  ("MASTER_PORT", "29533")):
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from flowrl.train import release_shm_names
+
+    release_shm_names()  # DeepSpeed's CPU shared-memory buffer: its /dev/shm name would outlive the process
     for stage in stages:
         one_step(stage, out_dir)
 

@@ -802,11 +802,14 @@ def test_two_rank_training_loop(tmp_path):
     split over the ranks (7 episodes: rank 0's 4, rank 1's first 3) and every rank holds the whole result."""
     run_dir = tmp_path / "run"
     launcher = Path(sys.executable).with_name("deepspeed")
-    p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN),
+    port = _free_port()
+    p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(TRAIN),
                         f"run_dir={run_dir}", *TINY, "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1",
                         "checkpoint_every=1", "eval_episodes=7"],
                        cwd=REPO, env=_sub_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    # DeepSpeed's CPU shared-memory all-reduce buffers (69 MB of RAM per rank) do not outlive the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     (line,) = (run_dir / "metrics.jsonl").read_text().splitlines()
     m = json.loads(line)
     assert math.isfinite(m["policy_loss"]) and 0.0 <= m["success_rate"] <= 1.0, m
