@@ -26,19 +26,21 @@ __all__ = ["main", "source_checkpoint"]
 
 def _is_flowrl(d: Path) -> bool:
     """Whether the checkpoint directory ``d`` (or its ``policy/``) holds a flowrl policy."""
-    from flowrl.models.weights import _safetensors_layout
+    from flowrl.models.weights import _is_flowrl_format, _safetensors_layout
 
     pol = d / "policy" if (d / "policy").is_dir() else d
-    cfg = pol / "config.json"
-    if cfg.is_file():
+    meta: dict[str, Any] = {}
+    if (pol / "config.json").is_file():
         try:
-            if json.loads(cfg.read_text()).get("flowrl_policy"):
-                return True
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            meta = json.loads((pol / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             pass
+    meta = meta if isinstance(meta, dict) else {}
+    if _is_flowrl_format(meta, {}):
+        return True
     if not (pol / "model.safetensors").is_file():
         return (d / "checkpoints").is_dir() or (d / "train_config.json").is_file()  # a run directory
-    return _safetensors_layout(pol / "model.safetensors")[1].get("flowrl") == "pi0policy"  # the header only
+    return _is_flowrl_format(meta, _safetensors_layout(pol / "model.safetensors")[1])  # the header only
 
 
 def _is_vla_fpo(ck: Path) -> bool:

@@ -218,7 +218,7 @@ def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os
     src, dst = Path(like), Path(directory)
     layout, st_meta = _safetensors_layout(src / "model.safetensors")  # names, shapes, dtypes: no tensor read
     meta = _read_config_json(src / "config.json")
-    if meta.get("flowrl_policy") or st_meta.get("flowrl") == "pi0policy":
+    if _is_flowrl_format(meta, st_meta):
         raise ValueError(f"save_lerobot: like={src} is a flowrl checkpoint; give the lerobot / openpi checkpoint "
                          "the policy was loaded from (its file layout and config are copied)")
     variant = policy.config.variant
@@ -346,6 +346,12 @@ def _safetensors_layout(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], to
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
+def _is_flowrl_format(meta: dict[str, Any], st_meta: dict[str, str]) -> bool:
+    """Whether a checkpoint is this project's, from its ``config.json`` (``meta``) or its safetensors metadata (a
+    config.json written by hand from ``config.to_dict()`` lacks the ``flowrl_policy`` marker)."""
+    return bool(meta.get("flowrl_policy")) or st_meta.get("flowrl") == "pi0policy"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -455,7 +461,7 @@ def load_policy(cls: type[Pi0Policy], directory: str | os.PathLike, config: Poli
     hint = ""
     # the safetensors metadata says whose file it is: a config.json without the flowrl_policy marker (written by
     # hand from config.to_dict()) is still this project's, not a lerobot one to convert
-    if meta.get("flowrl_policy") or st_meta.get("flowrl") == "pi0policy":
+    if _is_flowrl_format(meta, st_meta):
         if config is None and not meta:
             raise FileNotFoundError(f"from_pretrained: {d} holds a flowrl model.safetensors but no config.json, or "
                                     "an empty one (its sizes): restore config.json or pass config=PolicyConfig(...)")
