@@ -90,7 +90,10 @@ def check_tensor(
 
 
 def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every given tensor of ``others`` has ``ref``'s dtype (a non-tensor is a TypeError naming it)."""
     for name, t in others.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor (or None), got {type(t).__name__}")
         if t is not None and t.dtype != ref.dtype:
             raise TypeError(
                 f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')} but {ref_name} has "
@@ -151,8 +154,9 @@ def normalize_masks(
     if sm.shape[0] != dm.shape[0]:
         sm, dm = sm.expand(B, H), dm.expand(B, D)
     if value_checks_enabled(device) and (step_mask is not None or dim_mask is not None):
-        if bool((sm < 0).any()) or bool((dm < 0).any()):
-            raise ValueError(f"{op}: dim_mask and step_mask must be non-negative weights")
+        # one host read; NaN fails ``>= 0``, so a NaN weight is refused with the negative ones
+        if not bool(((sm >= 0) & (sm < math.inf)).all() & ((dm >= 0) & (dm < math.inf)).all()):
+            raise ValueError(f"{op}: dim_mask and step_mask must be finite non-negative weights")
     return sm.contiguous(), dm.contiguous()
 
 
@@ -183,10 +187,12 @@ def host_min_max(t: torch.Tensor) -> tuple[Any, Any]:
 
 
 def check_positive(op: str, name: str, t: torch.Tensor) -> None:
+    """Every element of ``t`` finite and ``> 0`` (when value checks are on; NaN and inf are refused)."""
     if value_checks_enabled(t.device):
-        bad = ~(t > 0)
+        bad = ~((t > 0) & (t < math.inf))
         if bool(bad.any()):
-            raise ValueError(f"{op}: {name} must be > 0 everywhere, got a value {t[bad].flatten()[0].item()}")
+            raise ValueError(f"{op}: {name} must be finite and > 0 everywhere, got a value "
+                             f"{t[bad].flatten()[0].item()}")
 
 
 def check_int(op: str, name: str, value: object, lo: int, hi: int, hi_text: str) -> int:

@@ -157,6 +157,9 @@ def test_merge_attention_states_nan_and_bad_input():
         fk.merge_attention_states(out, lse, out.to("meta"), lse)
     with pytest.raises(TypeError, match=r"lse_b must be a torch\.Tensor"):
         fk.merge_attention_states(out, lse, out, 0.0)
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)  # 0-dim: was "merged" into a (1,) output
+    with pytest.raises(ValueError, match=r"out_a must have shape \(\.\.\., S, H, d\)"):
+        fk.merge_attention_states(one, zero, one, zero)
 
 
 def test_merge_attention_states_refuses_mixed_or_half_dtypes():
@@ -268,6 +271,8 @@ def test_fpo_ratio_nan_clamp_and_empty_mean():
     old, new = torch.rand(2, 3), torch.rand(2, 3)
     with pytest.raises(ValueError, match="clamp must be > 0"):
         fk.fpo_ratio(old, new, clamp=math.nan)
+    with pytest.raises(TypeError, match="clamp must be a float > 0 or None, got str"):
+        fk.fpo_ratio(old, new, clamp="3")
     with pytest.raises(ValueError, match="needs N >= 1"):
         fk.fpo_ratio(old[:, :0], new[:, :0], mode="mean")
     assert fk.fpo_ratio(old[:, :0], new[:, :0], mode="per_sample").shape == (2, 0)

@@ -188,6 +188,22 @@ def test_padded_actions_and_bad_input():
         env.step(torch.zeros(2, 5, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="num_targets"):
         ReachEnv(2, num_targets=7)
+    # floats, strings and bools for counts; NaN / inf for the geometry: raw torch errors or NaN states before
+    for kw, exc, msg in ((dict(num_envs=2.0), TypeError, "num_envs must be an int, got float"),
+                         (dict(num_envs=True), TypeError, "num_envs must be an int, got bool"),
+                         (dict(chunk_steps=2.5), TypeError, "chunk_steps must be an int"),
+                         (dict(image_size="32"), TypeError, "image_size must be an int, got str"),
+                         (dict(max_speed=float("inf")), ValueError, "max_speed must be a finite float > 0"),
+                         (dict(success_radius=float("nan")), ValueError, "success_radius must be a finite float > 0")):
+        with pytest.raises(exc, match=msg):
+            ReachEnv(**({"num_envs": 2} | kw))
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        env.reset(seed=1.7)
+    env.reset(seed=torch.tensor(3))  # integer scalars are ints
+    with pytest.raises(ValueError, match="horizon must be >= 0"):
+        env.expert_actions(-1)
+    with pytest.raises(ValueError, match="noise must be a finite float >= 0"):
+        env.expert_actions(3, noise=float("nan"))
     with pytest.raises(ValueError, match="unknown word"):
         tokenize(["fly to the moon"])
     with pytest.raises(ValueError, match="quality"):

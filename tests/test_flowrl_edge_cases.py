@@ -432,3 +432,39 @@ def test_policy_inputs_second_fuzzing_pass(policy, tmp_path):
     (tmp_path / "ck" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"no config\.json, or an empty one"):
         from_pretrained(str(tmp_path / "ck"))
+
+
+def test_policy_inputs_third_fuzzing_pass(policy, tmp_path):
+    """Found by a third fuzzing pass: a cache whose fields disagree with its batch was used (a (1,) suffix_offset
+    broadcast to every row: wrong RoPE positions, other actions), a state_dict of the wrong shapes replaced a good
+    checkpoint by one that cannot be loaded, and a generator of the wrong type reached torch.randn."""
+    p = policy
+    obs = _obs(p, B=2)
+    noise = torch.zeros(2, p.config.action_horizon, p.config.action_dim)
+    cache = p.encode_prefix(obs)
+    for field in ("suffix_offset", "prefix_lens", "pooled", "prefix_mask"):
+        bad = replace(cache, **{field: getattr(cache, field)[:1]})
+        with pytest.raises(ValueError, match=rf"PrefixCache's {field} must be a \(2,"):
+            p.sample_actions(bad, num_steps=1, noise=noise)
+    with pytest.raises(ValueError, match=r"PrefixCache's pooled must be"):
+        p.value(replace(cache, pooled=cache.pooled[:1]))
+    with pytest.raises(ValueError, match=r"PrefixCache's suffix_offset must be .* int64/int32"):
+        p.cfm_losses(replace(cache, suffix_offset=cache.suffix_offset.float()), noise, noise[:, None], torch.rand(2, 1))
+    empty = replace(cache, keys=cache.keys[:, :0], values=cache.values[:, :0], prefix_mask=cache.prefix_mask[:0],
+                    prefix_lens=cache.prefix_lens[:0], suffix_offset=cache.suffix_offset[:0], pooled=cache.pooled[:0])
+    with pytest.raises(ValueError, match=r"holds no observation \(batch 0\)"):
+        p.sample_actions(empty, num_steps=1)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got str"):
+        p.sample_actions(cache, num_steps=1, generator="x")
+    # save_pretrained(state_dict=...) with the policy's keys but other shapes: refused, the old checkpoint kept
+    p.save_pretrained(tmp_path / "ck")
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    halved = {k: v[:1] if v.dim() else v for k, v in p.state_dict().items()}
+    with pytest.raises(ValueError, match=r"state_dict entries do not have the policy's shape \(nothing written\)"):
+        p.save_pretrained(tmp_path / "ck", state_dict=halved)
+    with pytest.raises(ValueError, match="expected"):
+        p.save_pretrained(tmp_path / "new", state_dict={k: v.tolist() for k, v in p.state_dict().items()})
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before and not (tmp_path / "new").exists()
+    p.save_pretrained(tmp_path / "ck", state_dict={k: v.clone() for k, v in p.state_dict().items()})
+    back = Pi0Policy.from_pretrained(tmp_path / "ck").state_dict()
+    assert all(torch.equal(v, back[k]) for k, v in p.state_dict().items())

@@ -173,6 +173,8 @@ def merge_attention_states(
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{op}: {name} must be float32 or float64 (a half-precision log-sum-exp puts "
                             f"errors of ~1% into the merge weights), got {t.dtype}")
+    if out_a.dim() < 3:
+        raise ValueError(f"{op}: out_a must have shape (..., S, H, d) (at least 3 dims), got {fmt_shape(out_a.shape)}")
     if out_a.shape != out_b.shape:
         raise ValueError(f"merge_attention_states: out_a {fmt_shape(out_a.shape)} and out_b "
                          f"{fmt_shape(out_b.shape)} must have the same shape")

@@ -15,6 +15,7 @@ import torch
 
 from flowkernels._backend import backend_module, resolve_backend
 from flowkernels._checks import (
+    as_float,
     check_range,
     check_same_dtype,
     check_tensor,
@@ -207,6 +208,8 @@ def fpo_ratio(
     op = "fpo_ratio"
     check_tensor(op, "loss_old", loss_old, (None, None), ("B", "N"))
     check_tensor(op, "loss_new", loss_new, tuple(loss_old.shape), ("B", "N"), device=loss_old.device)
+    if clamp is not None:
+        clamp = as_float(op, "clamp", clamp, "a float > 0 or None")
     if clamp is not None and not clamp > 0:  # also refuses NaN, which would make every ratio NaN
         raise ValueError(f"{op}: clamp must be > 0 or None, got {clamp}")
     if mode == "mean":

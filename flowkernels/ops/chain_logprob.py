@@ -166,7 +166,11 @@ def chain_logprob(
     if K < 1:
         raise ValueError(f"{op}: chain must hold at least one transition (K+1 >= 2 states), got K+1={K1}")
     dev = chain.device
+    if not isinstance(include_initial, bool):
+        raise TypeError(f"{op}: include_initial must be a bool, got {type(include_initial).__name__}")
     if steps is not None:
+        if not isinstance(v, torch.Tensor):
+            check_tensor(op, "v", v, (B, 1, H, D), ("B", "1", "H", "D"), device=dev)
         check_tensor(op, "steps", steps, (B,), ("B",), dtypes=(torch.int64, torch.int32), device=dev)
         if v.dim() == 4 and v.shape[1] == 1 and K != 1:
             check_tensor(op, "v", v, (B, 1, H, D), ("B", "1", "H", "D"), device=dev)

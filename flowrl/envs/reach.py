@@ -21,6 +21,7 @@ axis (an imprecise expert: some demonstrations miss, graded by how far they miss
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -96,6 +97,13 @@ class ReachEnv(VecEnv):
         env_offset: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
+        for name, val in (("num_envs", num_envs), ("num_targets", num_targets), ("image_size", image_size),
+                          ("chunk_steps", chunk_steps), ("max_episode_steps", max_episode_steps),
+                          ("group_size", group_size), ("env_offset", env_offset)):
+            _check_int(name, val)
+        for name, val in (("success_radius", success_radius), ("max_speed", max_speed)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not (0 < val < math.inf):
+                raise ValueError(f"ReachEnv: {name} must be a finite float > 0, got {val!r}")
         if num_envs < 1:
             raise ValueError(f"ReachEnv: num_envs must be >= 1, got {num_envs}")
         if not 1 <= num_targets <= len(COLORS):
@@ -110,8 +118,6 @@ class ReachEnv(VecEnv):
         if env_offset < 0 or env_offset % group_size:
             raise ValueError(f"ReachEnv: env_offset={env_offset} must be >= 0 and a multiple of "
                              f"group_size={group_size}")
-        if success_radius <= 0 or max_speed <= 0:
-            raise ValueError("ReachEnv: success_radius and max_speed must be > 0")
         self.num_envs = num_envs
         self.num_targets = num_targets
         self.image_size = image_size
@@ -202,7 +208,7 @@ class ReachEnv(VecEnv):
 
     def reset(self, seed: int | None = None) -> EnvObs:
         if seed is not None:
-            self.seed = int(seed)
+            self.seed = _check_int("seed", seed)
         self.episode.zero_()
         self._init_episodes(torch.arange(self.num_envs))
         self._started = True
@@ -335,6 +341,10 @@ class ReachEnv(VecEnv):
         episode start) plus its aim offset (``aim_noise``), then stays; adds Gaussian noise of
         scale ``noise·(1 − quality)``.
         """
+        if _check_int("horizon", horizon) < 0:
+            raise ValueError(f"ReachEnv.expert_actions: horizon must be >= 0, got {horizon}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < math.inf:
+            raise ValueError(f"ReachEnv.expert_actions: noise must be a finite float >= 0, got {noise!r}")
         tgt = (self._goal_pos(self.expert_target) + self.expert_offset).clamp(-1, 1)
         pos = self.pos.clone()
         out = torch.zeros(self.num_envs, horizon, 2, device=self.device)
@@ -352,3 +362,13 @@ class ReachEnv(VecEnv):
         """Lower bound on the steps to the goal from the current state, ``(B,)``."""
         d = (self._goal_pos(self.goal) - self.pos).abs().amax(dim=1) - self.success_radius / math.sqrt(2)
         return torch.ceil(d.clamp(min=0) / self.max_speed).long()
+
+
+def _check_int(name: str, value: object) -> int:
+    """``value`` as a Python int (ints and integer scalars; not bool, float or str), else a TypeError naming it."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(f"ReachEnv: {name} must be an int, got {type(value).__name__} {value!r}")

@@ -637,6 +637,22 @@ class Pi0Policy(nn.Module):
                 raise ValueError(f"Pi0Policy: the PrefixCache's keys/values {tuple(cache.keys.shape)} do not fit this "
                                  f"policy: expected (depth={c.depth}, B, P, num_kv_heads={c.num_kv_heads}, "
                                  f"head_dim={c.head_dim}); it was encoded by another policy")
+            B, P = cache.keys.shape[1], cache.keys.shape[2]
+            if B == 0:
+                raise ValueError("Pi0Policy: the PrefixCache holds no observation (batch 0)")
+            want_shapes = {"prefix_mask": ((B, P), (torch.bool,)), "prefix_lens": ((B,), (torch.int64, torch.int32)),
+                           "suffix_offset": ((B,), (torch.int64, torch.int32)),
+                           "pooled": ((B, c.vlm_width), (torch.float32,))}
+            for name, (shape, dtypes) in want_shapes.items():
+                t = getattr(cache, name)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype not in dtypes \
+                        or t.device != cache.keys.device:
+                    got = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
+                           else type(t).__name__)
+                    raise ValueError(f"Pi0Policy: the PrefixCache's {name} must be a {shape} "
+                                     f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)} tensor on "
+                                     f"{cache.keys.device} (B={B} observations and P={P} slots, as its keys), "
+                                     f"got {got}; slice every field of a cache together")
             if cache.variant is not None and cache.variant != c.variant:
                 raise ValueError(f"Pi0Policy: the PrefixCache was encoded by a {cache.variant} policy, this one is "
                                  f"{c.variant} (π0's cache holds the state token)")
@@ -791,6 +807,9 @@ class Pi0Policy(nn.Module):
         K = _check_count("sample_actions", "num_steps", c.num_steps if num_steps is None else num_steps)
         group_size = _check_count("sample_actions", "group_size", group_size)
         a = c.noise_level if noise_level is None else as_float("Pi0Policy", "noise_level", noise_level, "a real number")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Pi0Policy.sample_actions: generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
         with torch.no_grad():
             cache = self._as_cache(obs_or_cache)
             B, N = cache.batch_size, group_size
@@ -1097,13 +1116,24 @@ class Pi0Policy(nn.Module):
         from flowrl.checkpoint import write_atomic
         from flowrl.models.weights import save_safetensors
 
+        own = self.state_dict()
+        if state_dict is not None:
+            if set(state_dict) != set(own):
+                missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+                raise ValueError(f"save_pretrained: state_dict keys differ from the policy's: missing {missing[:5]}, "
+                                 f"unexpected {extra[:5]}")
+            # full shapes (a ZeRO-3 partitioned parameter's local tensor is empty; its ds_shape is the full one)
+            full = {k: tuple(v.shape) for k, v in own.items()}
+            full.update({k: tuple(getattr(p, "ds_shape", p.shape))
+                         for k, p in self.named_parameters(remove_duplicate=False)})
+            bad = [f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, expected {full[k]}"
+                   for k, v in state_dict.items() if not isinstance(v, torch.Tensor) or tuple(v.shape) != full[k]]
+            if bad:
+                what = "entry does" if len(bad) == 1 else "entries do"
+                raise ValueError(f"save_pretrained: {len(bad)} state_dict {what} not have the policy's shape "
+                                 f"(nothing written): {'; '.join(bad[:5])}")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        own = self.state_dict()
-        if state_dict is not None and set(state_dict) != set(own):
-            missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-            raise ValueError(f"save_pretrained: state_dict keys differ from the policy's: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
         state = {k: v.detach().contiguous() for k, v in (own if state_dict is None else state_dict).items()}
         meta = {"format": "pt", "flowrl": "pi0policy"}
         write_atomic(d / "model.safetensors", lambda p: save_safetensors(state, p, meta))
