@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["any_rank", "collective_device", "world_size"]
+__all__ = ["all_gather_int", "any_rank", "collective_device", "world_size"]
 
 
 def world_size() -> int:
@@ -38,3 +38,14 @@ def any_rank(flag: bool, world: int | None = None) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_gather_int(value: int, world: int | None = None) -> list[int]:
+    """Every rank's ``value``, in rank order (a collective; ``world`` 1 returns ``[value]`` without communicating)."""
+    world = world_size() if world is None else world
+    if world == 1:
+        return [int(value)]
+    t = torch.zeros(world, dtype=torch.int64, device=collective_device())
+    t[torch.distributed.get_rank()] = int(value)
+    torch.distributed.all_reduce(t)  # each rank fills its own slot: the sum is the gathered vector
+    return [int(v) for v in t.tolist()]

@@ -470,9 +470,10 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         # window never straddles two rollouts or a checkpoint); a last partial window of r minibatches steps
         # on their mean (losses scaled by ga/r: DeepSpeed divides each by ga)
         ga = cfg.algo.grad_accum
-        # every rank takes the same number of optimizer steps (each one reduces the gradients over the ranks):
-        # GRPO's batch is its envs' episodes, of rank-dependent lengths, so a rank may have more minibatches than
-        # another; it leaves its extra ones out (the metric minibatches_skipped)
+        # every rank takes the same number of optimizer steps (each one reduces the gradients over the ranks).
+        # GRPO's batch is its envs' episodes, of rank-dependent lengths: it splits every rank's batch into the
+        # same number of minibatches itself (GRPO.minibatches); an algorithm that does not has a rank with more
+        # minibatches than another leave its extra ones out (the metric minibatches_skipped)
         own = algo.num_minibatches(batch)
         count = _min_over_ranks(own, world)
         tail = count % ga

@@ -147,6 +147,7 @@ def _surrogate_grad(name: str, ratio_value: float, adv: list[float] | None = Non
     from flowrl.train import build_algorithm
 
     torch.manual_seed(0)
+    loss_weight = algo_kw.pop("loss_weight", 1.0)
     G = algo_kw.get("group_size", 1)
     env = ReachEnv(4, num_targets=2, chunk_steps=5, max_episode_steps=10, state_with_targets=True, group_size=G)
     policy = Pi0Policy(get_config("tiny", num_cameras=1, image_size=32, action_horizon=10, vocab_size=16,
@@ -160,6 +161,7 @@ def _surrogate_grad(name: str, ratio_value: float, adv: list[float] | None = Non
     shape = (len(batch), cfg.fpo_pairs) if name == "fpo" else (len(batch),)
     r = torch.full(shape, ratio_value, requires_grad=True)
     algo.ratio = lambda *a: (r, {})
+    batch.loss_weight = loss_weight
     (g,) = torch.autograd.grad(algo.loss(policy, batch)[0], r)
     return batch, g
 
@@ -172,6 +174,9 @@ def test_grpo_uses_its_group_advantages_unnormalized():
     batch, g = _surrogate_grad("grpo", 1.0, adv=[0.0, 0.0, 1.0, -1.0], group_size=2)
     torch.testing.assert_close(g, -batch.data["adv"] / len(batch))
     assert (g[batch.data["adv"] == 0] == 0).all()
+    # a minibatch's loss_weight (ranks of unequal batches) scales its loss
+    batch, g = _surrogate_grad("grpo", 1.0, adv=[0.0, 0.0, 1.0, -1.0], group_size=2, loss_weight=0.25)
+    torch.testing.assert_close(g, -0.25 * batch.data["adv"] / len(batch))
 
 
 def test_fpo_surrogate_has_no_dual_clip_and_ppo_normalizes():
@@ -283,3 +288,50 @@ def test_losses_second_fuzzing_pass():
                  lambda: L.value_loss(torch.ones(0, 2), torch.ones(0, 2), torch.ones(0, 2))):
         with pytest.raises(ValueError, match="empty batch"):
             call()
+
+
+def test_grpo_minibatches_balanced_over_ranks_of_unequal_batches():
+    """GRPO's ranks hold their own envs' episodes, so their batches differ in size. Every rank must take the
+    same number of optimizer steps; before, the larger ranks left their extra minibatches out. Now each epoch
+    splits every rank's batch into the same number of minibatches (none above minibatch_size, no sample left
+    out), and the loss weights make each step's gradient, averaged over the ranks by the engine, the mean over
+    all the step's samples. Equal batches keep the one-rank minibatches."""
+    from flowrl.algos.base import Batch
+    from flowrl.config import AlgoConfig, TrainConfig
+    from flowrl.envs import ReachEnv
+    from flowrl.train import build_algorithm
+
+    def make(n: int, offset: float) -> Batch:
+        env = ReachEnv(n)
+        return Batch(env.reset(seed=0), {"x": torch.arange(n, dtype=torch.float64) + offset})
+
+    cfg = AlgoConfig(name="grpo", group_size=1, minibatch_size=4, epochs=2)
+    ns = [10, 3, 7, 1]
+    W, c = len(ns), max(math.ceil(n / 4) for n in ns)
+    batches = [make(n, 100.0 * r) for r, n in enumerate(ns)]
+    per_rank = []
+    for r, b in enumerate(batches):
+        algo = build_algorithm(TrainConfig(algo=cfg, seed=r))
+        algo.rank_samples = (r, ns)
+        mbs = list(algo.minibatches(b))
+        assert len(mbs) == algo.num_minibatches(b) == cfg.epochs * c
+        for e in range(cfg.epochs):  # each epoch: every sample once, in minibatches of at most minibatch_size
+            used = torch.cat([mb.data["x"] for mb in mbs[e * c:(e + 1) * c] if mb.loss_weight > 0])
+            assert sorted(used.tolist()) == b.data["x"].tolist()
+        assert all(len(mb) <= 4 and len(mb.obs.state) == len(mb) for mb in mbs)
+        per_rank.append(mbs)
+    for j in range(cfg.epochs * c):
+        step = [mbs[j] for mbs in per_rank]
+        # the engine's mean over the ranks of the weighted per-rank means = the mean over the step's samples
+        engine = sum(mb.loss_weight * float(mb.data["x"].mean()) for mb in step) / W
+        samples = torch.cat([mb.data["x"] for mb in step if mb.loss_weight > 0])
+        assert math.isclose(engine, float(samples.mean()), rel_tol=1e-12)
+        assert all(mb.loss_weight > 0 or len(mb) == 1 for mb in step)  # rank 3's empty ones: one sample, weight 0
+    assert any(mb.loss_weight == 0 for mb in per_rank[3])
+    # equal batches on every rank (and one rank): the shared drop-last minibatches, weight 1
+    algo = build_algorithm(TrainConfig(algo=cfg, seed=0))
+    algo.rank_samples = (0, [10, 10])
+    ref = build_algorithm(TrainConfig(algo=cfg, seed=0))
+    got, want = list(algo.minibatches(batches[0])), list(ref.minibatches(batches[0]))
+    assert len(got) == len(want) == 4 and all(torch.equal(a.data["x"], b.data["x"]) and a.loss_weight == 1.0
+                                              for a, b in zip(got, want))

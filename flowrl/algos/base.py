@@ -82,6 +82,9 @@ class Batch:
     obs: EnvObs
     data: dict[str, torch.Tensor]
     stats: dict[str, float] = field(default_factory=dict)
+    #: the factor a minibatch's loss is scaled by (1 but for GRPO's minibatches on ranks of unequal batches, see
+    #: :meth:`flowrl.algos.grpo._GRPOMixin.minibatches`)
+    loss_weight: float = 1.0
 
     def __len__(self) -> int:
         """Samples: the leading dim of ``data`` (VLA-FPO's minibatches keep the whole rollout's

@@ -10,6 +10,7 @@ FPO's CFM-loss ratio, Flow-Noise's chain log-prob or Flow-SDE's single transitio
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from flowrl.algos.base import Batch, cat_obs, masks_for, to_policy_obs
 from flowrl.algos.flow_ppo import FlowNoisePPO, FlowSDEPPO
 from flowrl.algos.fpo import FPO
 from flowrl.config import AlgoConfig
-from flowrl.dist import any_rank
+from flowrl.dist import all_gather_int, any_rank
 from flowrl.envs.base import EnvObs, VecEnv
 
 __all__ = ["GRPO"]
@@ -38,6 +39,9 @@ class _GRPOMixin:
     #: ranks that run the rollout together (the trainer sets it): > 1 makes it a collective, every rank runs the
     #: chunks until every rank's episodes are over; 1 (the default) runs this process's envs alone
     world = 1
+    #: ``(rank, every rank's sample count)`` of the last rollout when ``world > 1`` (gathered at its end): the
+    #: minibatches of ranks with unequal batches are balanced over the ranks (see :meth:`minibatches`)
+    rank_samples: tuple[int, list[int]] | None = None
 
     name = "grpo"
     uses_critic = False
@@ -103,7 +107,62 @@ class _GRPOMixin:
         })
         out = batch.select(mask.nonzero()[:, 0])
         out.stats = batch.stats
+        self.rank_samples = None
+        if self.world > 1:  # a collective, as the early stop above
+            self.rank_samples = (torch.distributed.get_rank(), all_gather_int(len(out), self.world))
         return out, env.reset(seed=self.iteration_seed + 10**6)
+
+    # ------------------------------------------------------------------ minibatches balanced over the ranks
+    def _parts_per_epoch(self, batch: Batch) -> int | None:
+        """Minibatches per epoch on every rank when the ranks' batches (of the last rollout) differ in size;
+        None when they agree (or on one rank): then the shared drop-last minibatches of ``minibatch_size``."""
+        if self.rank_samples is None:
+            return None
+        rank, ns = self.rank_samples
+        if len(set(ns)) == 1 or ns[rank] != len(batch):
+            return None
+        mb = self.cfg.minibatch_size
+        return max(math.ceil(k / mb) for k in ns)
+
+    def num_minibatches(self, batch: Batch) -> int:
+        c = self._parts_per_epoch(batch)
+        return super().num_minibatches(batch) if c is None else self.cfg.epochs * c
+
+    def minibatches(self, batch: Batch) -> Iterator[Batch]:
+        """As :meth:`Algorithm.minibatches`, except on ranks whose batches differ in size (each rank's batch
+        holds its own envs' episodes, of unequal lengths).
+
+        Every rank takes the same number of optimizer steps (each reduces the gradients over the ranks), so each
+        epoch splits every rank's shuffled samples into the same ``c = max over ranks of ceil(n_r /
+        minibatch_size)`` minibatches: nothing is left out and no minibatch exceeds ``minibatch_size``. The
+        engine averages the ranks' gradients with equal weights; the loss of rank r's j-th minibatch (a mean
+        over its ``s_rj`` samples) is scaled by ``loss_weight = W·s_rj / Σ_r' s_r'j``, so each step's gradient
+        is the mean over all the step's samples of all ranks, as on one rank. A rank with fewer samples than
+        ``c`` still runs its empty minibatches' forward and backward (ZeRO-3's parameter gathers are collectives),
+        on one sample with ``loss_weight`` 0.
+        """
+        c = self._parts_per_epoch(batch)
+        if c is None:
+            yield from super().minibatches(batch)
+            return
+        _, ns = self.rank_samples  # type: ignore[misc]
+        n, W = len(batch), len(ns)
+        # torch.tensor_split gives the first k mod c parts one sample more: every rank knows every part's size
+        totals = [sum(k // c + (j < k % c) for k in ns) for j in range(c)]
+        for _ in range(self.cfg.epochs):
+            perm = torch.randperm(n, generator=self.gen)
+            for j, part in enumerate(torch.tensor_split(perm, c)):
+                if len(part):
+                    mb = batch.select(part)
+                    mb.loss_weight = W * len(part) / totals[j]
+                else:
+                    mb = batch.select(perm[:1])
+                    mb.loss_weight = 0.0
+                yield mb
+
+    def loss(self, policy: Any, mb: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, stats = super().loss(policy, mb)  # type: ignore[misc]
+        return (loss if mb.loss_weight == 1.0 else loss * mb.loss_weight), stats
 
 
 _CLASSES = {
