@@ -362,6 +362,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"algo.name: unknown algorithm {a.name!r}; expected one of {ALGOS}")
     if cfg.env.name not in ("reach", "libero"):
         raise ConfigError(f"env.name: unknown environment {cfg.env.name!r}; expected reach or libero")
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir} exists and is not a directory")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     if cfg.bf16 not in ("auto", "true", "false"):
@@ -458,6 +460,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"algo.spo_advantages must be all or negative, got {a.spo_advantages!r}")
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):
         raise ConfigError(f"algo.grpo_likelihood must be fpo, flow_noise or flow_sde, got {a.grpo_likelihood!r}")
+    if a.name == "vla_fpo" and not cfg.model.init_from:
+        import warnings
+
+        warnings.warn("algo.name=vla_fpo without model.init_from: π0 is randomly initialized and stays frozen, so the "
+                      "latent actor learns to steer a random policy (a smoke test at most); pass an SFT run's or a "
+                      "lerobot / openpi checkpoint as model.init_from", stacklevel=2)
     if a.name == "vla_fpo" and cfg.sft_iterations:
         raise ConfigError("sft_iterations > 0 does not combine with vla_fpo (π0 stays frozen): run SFT first and "
                           "pass its checkpoint as model.init_from")

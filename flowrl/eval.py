@@ -200,18 +200,22 @@ def load_vla_fpo_noise(ckpt: Any, policy: Any, cfg: Any, env: Any = None) -> Any
     return algo.eval_noise  # type: ignore[attr-defined]
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: Path, prog: str = "flowrl.eval") -> Path:
     """``path`` itself, or for a run directory (or its ``checkpoints/`` folder) its latest complete
-    checkpoint (:func:`flowrl.checkpoint.resolve_checkpoint`); a missing directory, or a run without a
-    checkpoint, exits with a message naming it."""
+    checkpoint (:func:`flowrl.checkpoint.resolve_checkpoint`); a missing directory, a run without a
+    checkpoint, or a directory that holds none exits with a message (from ``prog``) naming it."""
     from flowrl.checkpoint import resolve_checkpoint as resolve
 
     try:
         ck = resolve(path)
     except FileNotFoundError as e:
-        raise SystemExit(f"flowrl.eval: {e}") from None
+        raise SystemExit(f"{prog}: {e}") from None
     if ck != path:
-        print(f"flowrl.eval: {path} -> its latest checkpoint {ck}", flush=True)
+        print(f"{prog}: {path} -> its latest checkpoint {ck}", flush=True)
+    if not ((ck / "policy").is_dir() or (ck / "model.safetensors").is_file()):
+        raise SystemExit(f"{prog}: --checkpoint {path} holds no checkpoint: pass a trainer checkpoint (iter_N/, with "
+                         "policy/), a run directory or its checkpoints/ (their latest checkpoint), or a policy "
+                         "directory (model.safetensors + config.json: this project's, lerobot's or openpi's)")
     return ck
 
 
@@ -240,6 +244,8 @@ def _check_cli_args(args: argparse.Namespace) -> None:
                              ("--videos", args.videos, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.videos and args.video_dir is None:
+        raise ValueError(f"--videos {args.videos} needs --video-dir (where the mp4s go)")
     if args.device is not None:
         try:
             dev = torch.device(args.device)
@@ -406,6 +412,6 @@ def _start_ranks(device: str) -> tuple[int, int, bool]:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad arguments (ConfigError is one too)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments (ConfigError is one too), missing files
         print(f"flowrl.eval: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -193,8 +193,9 @@ def _check_tokenizer_fits(policy: Any, tokenizer: Any, env_kwargs: dict[str, Any
     pcfg = policy.config
     if length is not None and int(length) > pcfg.max_token_len:
         raise ValueError(f"tokenizer: the LIBERO env's {tokenizer!r} tokenizer gives {length} tokens per instruction, "
-                         f"above the policy's max_token_len={pcfg.max_token_len} (pass env_kwargs max_token_len, or "
-                         "a policy built for the env: the trainer builds tiny/small policies with the env's sizes)")
+                         f"above the policy's max_token_len={pcfg.max_token_len} (evaluate_libero: pass "
+                         "env_kwargs={'max_token_len': ...}; or use a policy built for the env, as the trainer builds "
+                         "tiny/small policies with the env's sizes)")
     if vocab is not None and int(vocab) > pcfg.vocab_size:
         raise ValueError(f"tokenizer: the LIBERO env's {tokenizer!r} tokenizer has a vocabulary of {vocab}, above the "
                          f"policy's vocab_size={pcfg.vocab_size}")

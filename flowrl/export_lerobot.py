@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
                    help="the lerobot / openpi checkpoint the weights came from (default: the run's model.init_from)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     args = p.parse_args(argv)
-    ck = resolve_checkpoint(Path(args.checkpoint))
+    ck = resolve_checkpoint(Path(args.checkpoint), prog="flowrl.export_lerobot")
     if _is_vla_fpo(ck):
         raise ValueError(f"{ck} is a VLA-FPO checkpoint: its trained part is the latent actor that steers the frozen "
                          "π0, which a lerobot model cannot hold (exporting the π0 would export the untrained policy)")

@@ -137,7 +137,8 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
         except (CheckpointKeyError, TypeError, ValueError) as e:
             raise ConfigError(f"model.init_from={m.init_from}: the checkpoint does not take the run's model settings "
                               f"{over} (model.num_value_heads, algo.noise_min/noise_max/num_steps, "
-                              f"model.overrides): {e}") from e
+                              f"model.overrides): {e} (a setting the checkpoint's config.json lacks, such as a lerobot "
+                              "checkpoint's vision_heads, is given as model.overrides.<name>=<value>)") from e
         ignored = [f"model.{k}={v!r}" for k, v in (("config", m.config), ("variant", m.variant))
                    if (k == "config" and v != "tiny") or (k == "variant" and v != policy.config.variant)]
         if ignored:
@@ -332,6 +333,7 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         _check_resume(ckpt, cfg, world, rank)
     else:
         _prepare_fresh_run_dir(run_dir, cfg, rank)
+    run_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no empty run_dir behind
     torch.manual_seed(cfg.seed + 1000 * rank)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -762,7 +764,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_intermixed_args(argv)  # `run_dir=x --resume iterations=4` works too
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(args.config, args.overrides, world_size=world)  # fails before any work starts
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     return train(cfg, resume=args.resume)
 
 

@@ -314,6 +314,17 @@ def test_config_values_are_checked_before_work(over, msg):
     assert msg in str(ei.value)
 
 
+def test_run_dir_that_is_a_file_and_vla_fpo_without_init_from(tmp_path):
+    """A run_dir naming a file failed with a FileExistsError traceback; VLA-FPO without model.init_from trained a
+    latent actor over a random, frozen π0 without a word."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        load_config(None, [f"run_dir={f}"])
+    with pytest.warns(UserWarning, match="vla_fpo without model.init_from: π0 is randomly initialized"):
+        load_config(None, ["algo.name=vla_fpo"])
+
+
 def test_shipped_configs_still_validate(tmp_path):
     from pathlib import Path
 
@@ -336,6 +347,7 @@ def test_shipped_configs_still_validate(tmp_path):
     (["--device", "tpu"], "--device: 'tpu' is not a torch device"),
     (["--videos", "2", "--video-dir", "v"], "--videos, --video-dir: LIBERO-only"),  # silently ignored on reach
     (["--task-ids", "0"], "--task-ids: LIBERO-only"),
+    (["--videos", "2"], "--videos 2 needs --video-dir"),
     # found by a fuzzing pass: both failed only after the whole evaluation (or at the first CUDA call)
     (["--json", "."], "--json . is a directory"),
     pytest.param(["--device", "cuda"], "this torch has no CUDA device",
@@ -354,6 +366,21 @@ def test_eval_cli_bad_arguments(tmp_path, monkeypatch, argv, msg):
     with pytest.raises(ValueError) as ei:
         main(["--checkpoint", str(tmp_path / "pol"), *argv])
     assert msg in str(ei.value)
+
+
+def test_eval_and_export_cli_on_a_directory_without_a_checkpoint(tmp_path):
+    """An empty directory got a raw FileNotFoundError traceback (eval), or "its run did not start from a lerobot
+    checkpoint" (export): both now say it holds no checkpoint, under their own program name."""
+    from flowrl import export_lerobot
+    from flowrl.eval import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"flowrl\.eval: --checkpoint .*empty holds no checkpoint"):
+        main(["--checkpoint", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match=r"flowrl\.export_lerobot: --checkpoint .*empty holds no checkpoint"):
+        export_lerobot.main(["--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"flowrl\.export_lerobot: .*does not exist"):
+        export_lerobot.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
 
 
 def test_config_values_are_read_as_written(tmp_path):
@@ -468,3 +495,25 @@ def test_policy_inputs_third_fuzzing_pass(policy, tmp_path):
     p.save_pretrained(tmp_path / "ck", state_dict={k: v.clone() for k, v in p.state_dict().items()})
     back = Pi0Policy.from_pretrained(tmp_path / "ck").state_dict()
     assert all(torch.equal(v, back[k]) for k, v in p.state_dict().items())
+
+
+def test_get_config_unknown_field_lists_the_fields():
+    """A misspelt field got dataclasses' bare "unexpected keyword argument"."""
+    with pytest.raises(TypeError, match=r"unknown field\(s\) \['action_horizn'\]; fields: .*'action_horizon'"):
+        get_config("tiny", action_horizn=10)
+
+
+def test_package_data_holds_every_shipped_config():
+    """pyproject's package-data listed configs/*.yaml only: a wheel (non-editable install) lacked the LIBERO
+    configs of configs/libero/."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["flowrl"]
+    shipped = [p.relative_to(root / "flowrl").as_posix() for p in (root / "flowrl" / "configs").rglob("*.yaml")]
+    assert any("/libero/" in f"/{s}" for s in shipped)
+    # setuptools' globs: '*' does not cross '/'
+    missing = [s for s in shipped if not any(fnmatch.fnmatch(s, p) and s.count("/") == p.count("/") for p in patterns)]
+    assert not missing, missing

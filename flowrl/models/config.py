@@ -137,6 +137,11 @@ class PolicyConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> PolicyConfig:
+        """A copy with ``changes``; a name that is not a field is a TypeError listing the fields."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"PolicyConfig: unknown field(s) {unknown}; fields: "
+                            f"{sorted(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **changes)
 
 

@@ -232,7 +232,8 @@ def save_lerobot(policy: Pi0Policy, directory: str | os.PathLike, like: str | os
         raise ValueError(f"save_lerobot: directory {dst} is, holds or lies inside like={src}: write to a directory "
                          "of its own")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ValueError(f"save_lerobot: {dst} exists and is not empty (overwrite=True replaces it)")
+        raise ValueError(f"save_lerobot: {dst} exists and is not empty (overwrite=True, or the export CLI's "
+                         "--overwrite, replaces it)")
     own = {k: v.detach() for k, v in policy.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     unmatched, shape_errors, used = [], [], set()
