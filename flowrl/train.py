@@ -13,6 +13,7 @@ each rank's trainer state) are written atomically every ``checkpoint_every`` ite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -311,8 +312,15 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
 
     The envs it builds are closed when it returns or raises (LIBERO's worker processes end with it)."""
     opened: list[Any] = []
+    run_dir = Path(cfg.run_dir)
+    existed = run_dir.exists()
     try:
         return _train(cfg, resume, log, opened)
+    except BaseException:
+        if not existed:  # a run refused before it wrote anything leaves no empty run_dir behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty (another rank may have removed it already)
+        raise
     finally:
         for env in reversed(opened):
             env.close()
@@ -333,7 +341,7 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         _check_resume(ckpt, cfg, world, rank)
     else:
         _prepare_fresh_run_dir(run_dir, cfg, rank)
-    run_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no empty run_dir behind
+    run_dir.mkdir(parents=True, exist_ok=True)  # after the checks (train() removes it again if a later one fails)
     torch.manual_seed(cfg.seed + 1000 * rank)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -504,9 +512,11 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
                     policy.mark_weights_updated()
                 if hasattr(algo, "after_step"):
                     algo.after_step()
-            processed += len(mb)
-            for k, v in st.items():
-                agg.setdefault(k, []).append(float(v))
+            # GRPO's padding minibatches (one sample at weight 0) are left out of the metrics
+            if getattr(mb, "loss_weight", 1.0) != 0:
+                processed += len(mb)
+                for k, v in st.items():
+                    agg.setdefault(k, []).append(float(v))
         # a rank that took all its minibatches must have no more (the cap above must not hide a miscount)
         if n_mb != count or (own == count and next(mbs, None) is not None):
             raise RuntimeError(f"{type(algo).__name__}: minibatches() yielded {'more than ' if n_mb == count else ''}"

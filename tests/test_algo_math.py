@@ -328,6 +328,10 @@ def test_grpo_minibatches_balanced_over_ranks_of_unequal_batches():
         assert math.isclose(engine, float(samples.mean()), rel_tol=1e-12)
         assert all(mb.loss_weight > 0 or len(mb) == 1 for mb in step)  # rank 3's empty ones: one sample, weight 0
     assert any(mb.loss_weight == 0 for mb in per_rank[3])
+    algo = build_algorithm(TrainConfig(algo=cfg, seed=0))
+    algo.rank_samples = (1, ns)  # a batch other than the one whose size the ranks exchanged
+    with pytest.raises(RuntimeError, match=r"a batch of 10 samples, but this rank's last rollout .* gave 3"):
+        algo.num_minibatches(batches[0])
     # equal batches on every rank (and one rank): the shared drop-last minibatches, weight 1
     algo = build_algorithm(TrainConfig(algo=cfg, seed=0))
     algo.rank_samples = (0, [10, 10])

@@ -419,6 +419,8 @@ BAD_CLI = {
     "vla hidden": (["algo.vla_hidden=0"], "algo.vla_hidden must be >= 1"),
     "vla value samples": (["algo.vla_value_samples=-1"], "algo.vla_value_samples must be >= 0"),
     "vla ratio": (["algo.vla_ratio=raw"], "algo.vla_ratio must be standardized or absolute"),
+    # refused after the run directory was created (when the policy is built): it is removed again
+    "env/policy mismatch": (["model.overrides.action_dim=1"], "env action_dim 2 > policy action_dim 1"),
 }
 
 

@@ -119,7 +119,10 @@ class _GRPOMixin:
         if self.rank_samples is None:
             return None
         rank, ns = self.rank_samples
-        if len(set(ns)) == 1 or ns[rank] != len(batch):
+        if ns[rank] != len(batch):  # the ranks would split batches they did not agree on
+            raise RuntimeError(f"GRPO.minibatches: a batch of {len(batch)} samples, but this rank's last rollout "
+                               f"(whose sizes the ranks exchanged) gave {ns[rank]}")
+        if len(set(ns)) == 1:
             return None
         mb = self.cfg.minibatch_size
         return max(math.ceil(k / mb) for k in ns)
@@ -136,8 +139,9 @@ class _GRPOMixin:
         epoch splits every rank's shuffled samples into the same ``c = max over ranks of ceil(n_r /
         minibatch_size)`` minibatches: nothing is left out and no minibatch exceeds ``minibatch_size``. The
         engine averages the ranks' gradients with equal weights; the loss of rank r's j-th minibatch (a mean
-        over its ``s_rj`` samples) is scaled by ``loss_weight = W·s_rj / Σ_r' s_r'j``, so each step's gradient
-        is the mean over all the step's samples of all ranks, as on one rank. A rank with fewer samples than
+        over its ``s_rj`` samples) is scaled by ``loss_weight = W·s_rj / Σ_r' s_r'j``, so each minibatch step's
+        gradient is the mean over all its samples of all ranks, as on one rank (with ``grad_accum > 1`` the
+        engine then averages a window's minibatch steps equally, as it does on one rank). A rank with fewer samples than
         ``c`` still runs its empty minibatches' forward and backward (ZeRO-3's parameter gathers are collectives),
         on one sample with ``loss_weight`` 0.
         """
