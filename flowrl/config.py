@@ -389,6 +389,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if a.dual_clip is not None and not a.dual_clip > 1:
         raise ConfigError(f"algo.dual_clip must be > 1 (PPO's lower bound dual_clip·Â for negative advantages), "
                           f"got {a.dual_clip}")
+    uses_sde = a.name == "flow_sde_ppo" or (a.name == "grpo" and a.grpo_likelihood == "flow_sde")
+    if uses_sde and not a.noise_level > 0:
+        raise ConfigError(f"algo.noise_level must be > 0 for Flow-SDE (the SDE step's std σ_t·√dt; at 0 every ratio is "
+                          f"1 and the policy gets no gradient), got {a.noise_level}")
     for name in ("gamma", "lam", "vla_tau"):
         if not 0.0 <= getattr(a, name) <= 1.0:
             raise ConfigError(f"algo.{name} must be in [0, 1], got {getattr(a, name)}")

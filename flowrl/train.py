@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # started as a script: `deepspeed flowrl/train.py
 from flowrl.algos.base import Algorithm
 from flowrl.checkpoint import finalize_checkpoint, latest_checkpoint, staging_dir, write_atomic
 from flowrl.config import ConfigError, TrainConfig, load_config
+from flowrl.dist import any_rank
 
 __all__ = ["build_algorithm", "build_env", "build_policy", "main", "train"]
 
@@ -165,6 +166,12 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
             raise ConfigError(f"model: cannot build config {m.config!r} with {over}: {e}") from e
         policy = Pi0Policy(pc)
     pc = policy.config
+    if pc.variant == "pi05" and env.state_dim:
+        import warnings
+
+        warnings.warn("π0.5 takes no proprioceptive state input here: openpi and lerobot write it into the prompt as "
+                      "discretized text, these envs' prompts are the instruction alone; the env's state "
+                      f"({env.state_dim} dims; env.state_with_* on reach) is not seen by the policy", stacklevel=2)
     problems = []
     if env.action_dim > pc.action_dim:
         problems.append(f"env action_dim {env.action_dim} > policy action_dim {pc.action_dim}")
@@ -271,20 +278,34 @@ def _optimizer(policy: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.algo.lr, weight_decay=0.0)
 
 
+#: per-episode means of a rollout: averaged over the ranks weighted by each rank's ``episodes``
+_PER_EPISODE = ("success_rate", "return")
+
+
 def _all_reduce(stats: dict[str, float], world: int, op: str = "mean") -> dict[str, float]:
     """``stats`` reduced over the ranks: their ``"mean"``, or their ``"max"`` (peak memory: the busiest rank's).
-    Non-finite values count as 0."""
+
+    A non-finite value (a rank whose rollout ended no episode has no success rate) is left out: the mean is over
+    the ranks with a finite value, NaN when none has one. ``success_rate`` and ``return`` are weighted by each
+    rank's ``episodes`` (the mean over all the ranks' episodes), the rest by rank."""
     if world == 1:
         return stats
     from flowrl.dist import collective_device
 
     keys = sorted(stats)
-    t = torch.tensor([stats[k] if math.isfinite(stats[k]) else 0.0 for k in keys], dtype=torch.float64,
-                     device=collective_device())  # NCCL reduces CUDA tensors only (a CPU one was an error there)
-    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-    torch.distributed.all_reduce(t, op=reduce_op)
-    div = world if op == "mean" else 1
-    return {k: float(v) / div for k, v in zip(keys, t.tolist())}
+    if op == "max":
+        t = torch.tensor([stats[k] if math.isfinite(stats[k]) else -math.inf for k in keys], dtype=torch.float64,
+                         device=collective_device())  # NCCL reduces CUDA tensors only (a CPU one was an error there)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return {k: float(v) if math.isfinite(v) else math.nan for k, v in zip(keys, t.tolist())}
+    eps = stats.get("episodes", math.nan)
+    weights = [eps if k in _PER_EPISODE and math.isfinite(eps) else 1.0 for k in keys]
+    num = [stats[k] * w if math.isfinite(stats[k]) and w > 0 else 0.0 for k, w in zip(keys, weights)]
+    den = [w if math.isfinite(stats[k]) and w > 0 else 0.0 for k, w in zip(keys, weights)]
+    t = torch.tensor(num + den, dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    n, d = t[: len(keys)].tolist(), t[len(keys):].tolist()
+    return {k: a / b if b > 0 else math.nan for k, a, b in zip(keys, n, d)}
 
 
 def _min_over_ranks(n: int, world: int) -> int:
@@ -342,7 +363,9 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
     else:
         _prepare_fresh_run_dir(run_dir, cfg, rank)
     run_dir.mkdir(parents=True, exist_ok=True)  # after the checks (train() removes it again if a later one fails)
-    torch.manual_seed(cfg.seed + 1000 * rank)
+    # the policy's random initialization (no model.init_from) is the same on every rank: deepspeed.initialize
+    # broadcasts rank 0's parameters of the module it trains, but VLA-FPO's frozen π0 is not that module
+    torch.manual_seed(cfg.seed)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
 
@@ -353,6 +376,8 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
     env = build_env(cfg, rank, dev, world=world)
     opened.append(env)
     policy = build_policy(cfg, env).to(dev)
+    if rank:  # each rank's own stream from here (rank 0 goes on with its stream: one-rank runs are unchanged)
+        torch.manual_seed(cfg.seed + 1000 * rank)
     main_algo = build_algorithm(cfg, seed=cfg.seed + 1000 * rank, env_seed=cfg.seed)
     if hasattr(main_algo, "world"):  # GRPO: its rollout's early stop is agreed over the ranks
         main_algo.world = world
@@ -370,6 +395,8 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
     opt = _optimizer(module, cfg)
     ds_config = _ds_config(cfg)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config)
+    if world > 1 and hasattr(main_algo, "after_engine_init"):  # VLA-FPO: its target copies rank 0's critic
+        main_algo.after_engine_init()
     # bf16: DeepSpeed casts the module it trains (fp32 master weights in the optimizer); the policy runs
     # with all-bf16 parameters (its projections and heads take inputs in their weights' dtype and return
     # float32). VLA-FPO's frozen π0 is not in the engine: its Gemma weights go to bf16 (lerobot's rule).
@@ -491,8 +518,10 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         mbs = algo.minibatches(batch)
         for mb in itertools.islice(mbs, count):
             loss, st = algo.loss(engine.module, mb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"iteration {it}: non-finite loss {float(loss)} ({st})")
+            bad = not bool(torch.isfinite(loss))
+            if any_rank(bad, world):  # every rank stops (the others would wait in the next gradient reduction)
+                raise FloatingPointError(f"iteration {it}: non-finite loss {float(loss)} ({st})" if bad else
+                                         f"iteration {it}: another rank's loss is non-finite (its log says which)")
             n_mb += 1
             boundary = n_mb % ga == 0 or n_mb == count
             if ga > 1:

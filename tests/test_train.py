@@ -798,15 +798,18 @@ def test_bf16_training(tmp_path, algo):
         assert {p.dtype for p in p32.parameters()} == {torch.float32}
 
 
-def test_two_rank_training_loop(tmp_path):
+@pytest.mark.parametrize("algo", ["fpo", "vla_fpo"])
+def test_two_rank_training_loop(tmp_path, algo):
     """``deepspeed --num_gpus 2 flowrl/train.py`` on CPU (gloo): the whole loop runs on two ranks, rank 0 writes
     the metrics (means over the ranks; peak memory is the busiest rank's) and a checkpoint; the evaluation is
-    split over the ranks (7 episodes: rank 0's 4, rank 1's first 3) and every rank holds the whole result."""
+    split over the ranks (7 episodes: rank 0's 4, rank 1's first 3) and every rank holds the whole result.
+    VLA-FPO: the ranks' target Q-heads are one network (each rank copied its own random critic before the engine
+    broadcast rank 0's, so the ranks' TD targets came from different networks)."""
     run_dir = tmp_path / "run"
     launcher = Path(sys.executable).with_name("deepspeed")
     port = _free_port()
     p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(TRAIN),
-                        f"run_dir={run_dir}", *TINY, "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1",
+                        f"run_dir={run_dir}", *TINY, f"algo.name={algo}", "algo.fpo_pairs=2", "iterations=1",
                         "checkpoint_every=1", "eval_episodes=7"],
                        cwd=REPO, env=_sub_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
@@ -821,6 +824,37 @@ def test_two_rank_training_loop(tmp_path):
     ev = [torch.load(ck / f"trainer_rank{r}.pt", weights_only=False)["evals"]["eval_before"] for r in (0, 1)]
     assert ev[0] == ev[1] and ev[0]["episodes"] == 7.0, ev  # the split itself: tests/test_eval.py
     assert "success before" in p.stdout and "-> after" in p.stdout
+    if algo == "vla_fpo":
+        tgt = [torch.load(ck / f"trainer_rank{r}.pt", weights_only=False)["algo"]["target"] for r in (0, 1)]
+        assert tgt[0].keys() == tgt[1].keys() and all(torch.equal(tgt[0][k], tgt[1][k]) for k in tgt[0])
+
+
+def _all_reduce_worker(rank: int, init: str, out: str) -> None:
+    from flowrl.train import _all_reduce
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        # rank 1's rollout ended no episode: no success rate, no return (NaN)
+        stats = ({"success_rate": 1.0, "return": 2.0, "episodes": 3.0, "loss": 1.0} if rank == 0 else
+                 {"success_rate": math.nan, "return": math.nan, "episodes": 0.0, "loss": 3.0})
+        both_nan = {"x": math.nan}
+        res = [_all_reduce(stats, 2), _all_reduce(both_nan, 2), _all_reduce({"peak": 1.0 + rank}, 2, op="max")]
+        Path(out, f"{rank}.json").write_text(json.dumps(res))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_metrics_over_ranks_leave_out_non_finite_values_and_weight_episodes(tmp_path):
+    """A rank whose rollout ended no episode (success rate NaN) counted as 0: ranks of 3 successes and of no
+    episode logged a success rate of 0.5. Now the per-episode means are weighted by each rank's episodes, and
+    non-finite values are left out of every mean (NaN when no rank has one)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_all_reduce_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    for r in (0, 1):
+        agg, nan, peak = json.loads((tmp_path / f"{r}.json").read_text())
+        assert agg == {"success_rate": 1.0, "return": 2.0, "episodes": 1.5, "loss": 2.0}, agg
+        assert math.isnan(nan["x"]) and peak == {"peak": 2.0}
 
 
 def test_two_rank_grpo_with_episodes_of_different_lengths_and_a_resume_one_rank_refuses(tmp_path):
@@ -888,3 +922,27 @@ def test_wandb_online_without_a_key_is_a_config_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"wandb=online: W&B did not start .*wandb=offline"):
         _run(tmp_path / "run", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "eval_episodes=0",
              "wandb=online")
+
+
+def test_trainer_fuzz_findings(tmp_path, monkeypatch):
+    """Found by a pass over option combinations: Flow-SDE with noise_level 0 trained nothing (every ratio 1, only
+    the critic moved); π0.5 with a max_state_dim below the env's state failed mid-run on a state it does not take,
+    and took no state without a word; a non-finite loss stopped one rank only (the others would wait)."""
+    for algo in (["algo.name=flow_sde_ppo"], ["algo.name=grpo", "algo.grpo_likelihood=flow_sde"]):
+        with pytest.raises(ConfigError, match=r"algo\.noise_level must be > 0 for Flow-SDE"):
+            load_config(None, [*algo, "algo.noise_level=0"])
+    with pytest.warns(UserWarning, match="π0.5 takes no proprioceptive state input here"):
+        res = _run(tmp_path / "pi05", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "eval_episodes=2",
+                   "model.variant=pi05", "model.overrides.max_state_dim=2")
+    assert math.isfinite(res["history"][0]["policy_loss"])
+    from flowrl.algos.fpo import FPO
+
+    orig = FPO.loss
+
+    def nan_loss(self, policy, mb):
+        loss, st = orig(self, policy, mb)
+        return loss * math.nan, st
+
+    monkeypatch.setattr(FPO, "loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="iteration 0: non-finite loss nan"):
+        _run(tmp_path / "nan", "algo.name=fpo", "algo.fpo_pairs=2", "iterations=1", "eval_episodes=0")

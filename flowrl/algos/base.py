@@ -35,6 +35,9 @@ def to_policy_obs(obs: EnvObs, policy: Any) -> Any:
 
     cfg = policy.config
     state = obs.state
+    if cfg.variant != "pi0":  # π0.5 takes no state input (see the README's note on π0.5 and the state)
+        return Observation(images=obs.images, image_masks=obs.image_masks, tokens=obs.tokens,
+                           token_masks=obs.token_masks, state=None)
     if state.shape[1] > cfg.max_state_dim:
         raise ValueError(f"the env's state has {state.shape[1]} dims, more than the policy's "
                          f"max_state_dim={cfg.max_state_dim}")

@@ -167,6 +167,13 @@ class VLAFPO(Algorithm):
         self.dims = (cond_dim, latent)
         return self.modules
 
+    def after_engine_init(self) -> None:
+        """Copy the critic into the target Q-heads again once the engine has broadcast rank 0's weights: each rank
+        built its critic from its own generator, so the copy :meth:`trainable_module` made differs between the
+        ranks, and every rank's TD targets would come from another network (on one rank: no change)."""
+        assert self.modules is not None and self.target is not None
+        self.target.load_state_dict(self.modules.value_critic.state_dict())
+
     def _cond(self, policy: Any, obs: EnvObs, dev: torch.device) -> tuple[Any, torch.Tensor]:
         pobs = to_policy_obs(obs.to(dev), policy)
         cache = policy.encode_prefix(pobs)
