@@ -329,9 +329,12 @@ def _peak_rss_gb() -> float:
 
 # ---------------------------------------------------------------------------------------- loop
 def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
-    """Run the configured training; returns the final metrics (and evaluation before/after).
+    """Run the configured training; returns the final metrics (and evaluation before/after), the ``history`` and
+    the trained ``policy``.
 
-    The envs it builds are closed when it returns or raises (LIBERO's worker processes end with it)."""
+    The envs it builds are closed when it returns or raises (LIBERO's worker processes end with it). With
+    ``zero_stage=3`` the returned policy is the engine's module, whose partitioned parameters hold no local
+    values outside the engine's forward: load the weights from the run's last checkpoint (``policy/``)."""
     opened: list[Any] = []
     run_dir = Path(cfg.run_dir)
     existed = run_dir.exists()

@@ -305,6 +305,8 @@ def test_wandb_off_in_a_yaml_file(tmp_path):
     ("algo.value_clip=0", "algo.value_clip must be > 0, or null for no clipping"),
     # its target-network update read ZeRO-3's empty partitions after the first rollout
     ("algo.name=vla_fpo zero_stage=3", "zero_stage=3 does not combine with vla_fpo"),
+    # the SPO penalty was silently dropped with the clip
+    ("algo.name=vla_fpo algo.vla_spo=true algo.vla_clip=false", "pick one"),
 ])
 def test_config_values_are_checked_before_work(over, msg):
     """These passed load_config and then failed inside the env or the first update (a traceback, not
@@ -323,6 +325,8 @@ def test_run_dir_that_is_a_file_and_vla_fpo_without_init_from(tmp_path):
         load_config(None, [f"run_dir={f}"])
     with pytest.warns(UserWarning, match="vla_fpo without model.init_from: π0 is randomly initialized"):
         load_config(None, ["algo.name=vla_fpo"])
+    with pytest.warns(UserWarning, match="model.freeze=none is ignored by vla_fpo"):
+        load_config(None, ["algo.name=vla_fpo", "model.freeze=none"])
 
 
 def test_shipped_configs_still_validate(tmp_path):
