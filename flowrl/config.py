@@ -31,6 +31,21 @@ __all__ = [
 ALGOS = ("sft", "arfm", "fpo", "vla_fpo", "flow_noise_ppo", "flow_sde_ppo", "grpo")
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning about the run's settings, once per process and only on rank 0 (``RANK`` unset or 0): the
+    config is validated by ``load_config`` and again by the trainer, on every rank."""
+    import os
+    import warnings
+
+    if message in _WARNED or os.environ.get("RANK", "0") != "0":
+        return
+    _WARNED.add(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run: unknown key, wrong type, inconsistent values."""
 
@@ -465,19 +480,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if a.grpo_likelihood not in ("fpo", "flow_noise", "flow_sde"):
         raise ConfigError(f"algo.grpo_likelihood must be fpo, flow_noise or flow_sde, got {a.grpo_likelihood!r}")
     if a.name == "vla_fpo" and not cfg.model.init_from:
-        import warnings
-
-        warnings.warn("algo.name=vla_fpo without model.init_from: π0 is randomly initialized and stays frozen, so the "
+        warn_once("algo.name=vla_fpo without model.init_from: π0 is randomly initialized and stays frozen, so the "
                       "latent actor learns to steer a random policy (a smoke test at most); pass an SFT run's or a "
-                      "lerobot / openpi checkpoint as model.init_from", stacklevel=2)
+                      "lerobot / openpi checkpoint as model.init_from")
     if a.name == "vla_fpo" and a.vla_spo and not a.vla_clip:
         raise ConfigError("algo.vla_spo=true replaces VLA-FPO's clip by SPO's penalty, and algo.vla_clip=false removes "
                           "the trust region: pick one (the ablation without clipping is vla_clip=false, vla_spo=false)")
     if a.name == "vla_fpo" and cfg.model.freeze != ModelConfig().freeze:
-        import warnings
-
-        warnings.warn(f"model.freeze={cfg.model.freeze} is ignored by vla_fpo: π0 stays frozen entirely (its latent "
-                      "actor and Q-ensemble train)", stacklevel=2)
+        warn_once(f"model.freeze={cfg.model.freeze} is ignored by vla_fpo: π0 stays frozen entirely (its latent "
+                      "actor and Q-ensemble train)")
     if a.name == "vla_fpo" and cfg.sft_iterations:
         raise ConfigError("sft_iterations > 0 does not combine with vla_fpo (π0 stays frozen): run SFT first and "
                           "pass its checkpoint as model.init_from")

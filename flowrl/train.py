@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # started as a script: `deepspeed flowrl/train.py
 from flowrl.algos.base import Algorithm
 from flowrl.checkpoint import finalize_checkpoint, latest_checkpoint, staging_dir, write_atomic
 from flowrl.config import ConfigError, TrainConfig, load_config
-from flowrl.dist import any_rank
+from flowrl.dist import collective_device
 
 __all__ = ["build_algorithm", "build_env", "build_policy", "main", "train"]
 
@@ -167,11 +167,11 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
         policy = Pi0Policy(pc)
     pc = policy.config
     if pc.variant == "pi05" and env.state_dim:
-        import warnings
+        from flowrl.config import warn_once
 
-        warnings.warn("π0.5 takes no proprioceptive state input here: openpi and lerobot write it into the prompt as "
+        warn_once("π0.5 takes no proprioceptive state input here: openpi and lerobot write it into the prompt as "
                       "discretized text, these envs' prompts are the instruction alone; the env's state "
-                      f"({env.state_dim} dims; env.state_with_* on reach) is not seen by the policy", stacklevel=2)
+                      f"({env.state_dim} dims; env.state_with_* on reach) is not seen by the policy")
     problems = []
     if env.action_dim > pc.action_dim:
         problems.append(f"env action_dim {env.action_dim} > policy action_dim {pc.action_dim}")
@@ -290,8 +290,6 @@ def _all_reduce(stats: dict[str, float], world: int, op: str = "mean") -> dict[s
     rank's ``episodes`` (the mean over all the ranks' episodes), the rest by rank."""
     if world == 1:
         return stats
-    from flowrl.dist import collective_device
-
     keys = sorted(stats)
     if op == "max":
         t = torch.tensor([stats[k] if math.isfinite(stats[k]) else -math.inf for k in keys], dtype=torch.float64,
@@ -312,8 +310,6 @@ def _min_over_ranks(n: int, world: int) -> int:
     """The smallest of the ranks' ``n`` (a collective)."""
     if world == 1:
         return n
-    from flowrl.dist import collective_device
-
     t = torch.tensor([n], dtype=torch.int64, device=collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return int(t.item())
@@ -521,8 +517,14 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         mbs = algo.minibatches(batch)
         for mb in itertools.islice(mbs, count):
             loss, st = algo.loss(engine.module, mb)
-            bad = not bool(torch.isfinite(loss))
-            if any_rank(bad, world):  # every rank stops (the others would wait in the next gradient reduction)
+            # a non-finite loss stops every rank (the others would wait in the next gradient reduction); one host
+            # read: the flag is reduced on the device first
+            flag = (~torch.isfinite(loss.detach())).reshape(1).float()
+            if world > 1:
+                flag = flag.to(collective_device())
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if bool(flag.item()):
+                bad = not bool(torch.isfinite(loss))
                 raise FloatingPointError(f"iteration {it}: non-finite loss {float(loss)} ({st})" if bad else
                                          f"iteration {it}: another rank's loss is non-finite (its log says which)")
             n_mb += 1
@@ -684,8 +686,6 @@ def _ranks_failing(failed: bool, rank: int, world: int) -> list[int]:
     """The ranks for which ``failed`` is True (a collective: every rank calls it)."""
     if not torch.distributed.is_initialized() or world == 1:
         return [rank] if failed else []
-    from flowrl.dist import collective_device
-
     flags = torch.zeros(world, dtype=torch.int64, device=collective_device())  # NCCL reduces CUDA tensors only
     flags[rank] = int(failed)
     torch.distributed.all_reduce(flags)

@@ -163,3 +163,13 @@ def make_masks(B: int, H: int, D: int, kind: str, device: str) -> tuple[torch.Te
     step_mask = (torch.rand(B, H, generator=g) > 0.2).float()
     step_mask[:, 0] = 1.0
     return dim_mask.to(device), step_mask.to(device)
+
+
+@pytest.fixture(autouse=True)
+def _settings_warnings_again():
+    """flowrl's warnings about a run's settings come once per process (``flowrl.config.warn_once``): every test
+    sees its own."""
+    from flowrl.config import _WARNED
+
+    _WARNED.clear()
+    yield

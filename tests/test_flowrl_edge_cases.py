@@ -316,7 +316,7 @@ def test_config_values_are_checked_before_work(over, msg):
     assert msg in str(ei.value)
 
 
-def test_run_dir_that_is_a_file_and_vla_fpo_without_init_from(tmp_path):
+def test_run_dir_that_is_a_file_and_vla_fpo_without_init_from(tmp_path, monkeypatch):
     """A run_dir naming a file failed with a FileExistsError traceback; VLA-FPO without model.init_from trained a
     latent actor over a random, frozen π0 without a word."""
     f = tmp_path / "afile"
@@ -327,6 +327,23 @@ def test_run_dir_that_is_a_file_and_vla_fpo_without_init_from(tmp_path):
         load_config(None, ["algo.name=vla_fpo"])
     with pytest.warns(UserWarning, match="model.freeze=none is ignored by vla_fpo"):
         load_config(None, ["algo.name=vla_fpo", "model.freeze=none"])
+    # once per process (load_config and the trainer both validate), and on rank 0 only
+    import warnings
+
+    from flowrl.config import _WARNED
+
+    _WARNED.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            load_config(None, ["algo.name=vla_fpo"])
+    assert len([w for w in seen if "without model.init_from" in str(w.message)]) == 1
+    _WARNED.clear()
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_config(None, ["algo.name=vla_fpo"])
+    assert not [w for w in seen if "without model.init_from" in str(w.message)]
 
 
 def test_shipped_configs_still_validate(tmp_path):
