@@ -13,13 +13,13 @@ each rank's trainer state) are written atomically every ``checkpoint_every`` ite
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +291,12 @@ def _all_reduce(stats: dict[str, float], world: int, op: str = "mean") -> dict[s
     if world == 1:
         return stats
     keys = sorted(stats)
+    # every rank must reduce the same keys in the same order (else values pair up silently with other keys)
+    crc = float(zlib.crc32("\0".join(keys).encode()))
+    check = torch.tensor([crc, -crc], dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(check, op=torch.distributed.ReduceOp.MAX)
+    if check[0].item() != -check[1].item():
+        raise RuntimeError(f"metrics over the ranks: this rank's keys {keys} differ from another rank's")
     if op == "max":
         t = torch.tensor([stats[k] if math.isfinite(stats[k]) else -math.inf for k in keys], dtype=torch.float64,
                          device=collective_device())  # NCCL reduces CUDA tensors only (a CPU one was an error there)
@@ -332,14 +338,19 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     ``zero_stage=3`` the returned policy is the engine's module, whose partitioned parameters hold no local
     values outside the engine's forward: load the weights from the run's last checkpoint (``policy/``)."""
     opened: list[Any] = []
-    run_dir = Path(cfg.run_dir)
-    existed = run_dir.exists()
+    run_dir = Path(cfg.run_dir).absolute()
+    missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # innermost first
     try:
         return _train(cfg, resume, log, opened)
     except BaseException:
-        if not existed:  # a run refused before it wrote anything leaves no empty run_dir behind
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only when empty (another rank may have removed it already)
+        # a run refused before it wrote anything leaves no empty run_dir (nor the parents it created) behind
+        for d in missing:
+            try:
+                d.rmdir()  # only when empty
+            except FileNotFoundError:  # another rank removed it already
+                continue
+            except OSError:
+                break
         raise
     finally:
         for env in reversed(opened):

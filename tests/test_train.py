@@ -463,13 +463,14 @@ def test_rl_lr_schedule():
 @pytest.mark.parametrize("case", list(BAD_CLI))
 def test_bad_config_cli_exits_2(tmp_path, case):
     over, msg = BAD_CLI[case]
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "run"
     p = subprocess.run([sys.executable, str(TRAIN), f"run_dir={run_dir}", *TINY, *over], cwd=tmp_path,
                        env=_sub_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert "configuration error" in p.stderr and msg in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    assert not run_dir.exists()  # a refused run leaves nothing behind (the CLI used to create an empty run_dir)
+    # a refused run leaves nothing behind (the CLI used to create an empty run_dir), nor the parents it made
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("case", list(BAD_CLI))
@@ -839,6 +840,11 @@ def _all_reduce_worker(rank: int, init: str, out: str) -> None:
                  {"success_rate": math.nan, "return": math.nan, "episodes": 0.0, "loss": 3.0})
         both_nan = {"x": math.nan}
         res = [_all_reduce(stats, 2), _all_reduce(both_nan, 2), _all_reduce({"peak": 1.0 + rank}, 2, op="max")]
+        try:  # other keys on the ranks: an error, not values paired with another rank's keys
+            _all_reduce({"b": 1.0} if rank == 0 else {"c": 1.0}, 2)
+            res.append("no error")
+        except RuntimeError as e:
+            res.append(str(e))
         Path(out, f"{rank}.json").write_text(json.dumps(res))
     finally:
         torch.distributed.destroy_process_group()
@@ -852,7 +858,8 @@ def test_metrics_over_ranks_leave_out_non_finite_values_and_weight_episodes(tmp_
 
     mp.spawn(_all_reduce_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
     for r in (0, 1):
-        agg, nan, peak = json.loads((tmp_path / f"{r}.json").read_text())
+        agg, nan, peak, keys = json.loads((tmp_path / f"{r}.json").read_text())
+        assert "keys" in keys and "differ from another rank's" in keys, keys
         assert agg == {"success_rate": 1.0, "return": 2.0, "episodes": 1.5, "loss": 2.0}, agg
         assert math.isnan(nan["x"]) and peak == {"peak": 2.0}
 
