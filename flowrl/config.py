@@ -481,14 +481,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"algo.grpo_likelihood must be fpo, flow_noise or flow_sde, got {a.grpo_likelihood!r}")
     if a.name == "vla_fpo" and not cfg.model.init_from:
         warn_once("algo.name=vla_fpo without model.init_from: π0 is randomly initialized and stays frozen, so the "
-                      "latent actor learns to steer a random policy (a smoke test at most); pass an SFT run's or a "
-                      "lerobot / openpi checkpoint as model.init_from")
+                  "latent actor learns to steer a random policy (a smoke test at most); pass an SFT run's or a "
+                  "lerobot / openpi checkpoint as model.init_from")
     if a.name == "vla_fpo" and a.vla_spo and not a.vla_clip:
         raise ConfigError("algo.vla_spo=true replaces VLA-FPO's clip by SPO's penalty, and algo.vla_clip=false removes "
                           "the trust region: pick one (the ablation without clipping is vla_clip=false, vla_spo=false)")
     if a.name == "vla_fpo" and cfg.model.freeze != ModelConfig().freeze:
         warn_once(f"model.freeze={cfg.model.freeze} is ignored by vla_fpo: π0 stays frozen entirely (its latent "
-                      "actor and Q-ensemble train)")
+                  "actor and Q-ensemble train)")
     if a.name == "vla_fpo" and cfg.sft_iterations:
         raise ConfigError("sft_iterations > 0 does not combine with vla_fpo (π0 stays frozen): run SFT first and "
                           "pass its checkpoint as model.init_from")

@@ -170,8 +170,8 @@ def build_policy(cfg: TrainConfig, env: Any) -> Any:
         from flowrl.config import warn_once
 
         warn_once("π0.5 takes no proprioceptive state input here: openpi and lerobot write it into the prompt as "
-                      "discretized text, these envs' prompts are the instruction alone; the env's state "
-                      f"({env.state_dim} dims; env.state_with_* on reach) is not seen by the policy")
+                  "discretized text, these envs' prompts are the instruction alone; the env's state "
+                  f"({env.state_dim} dims; env.state_with_* on reach) is not seen by the policy")
     problems = []
     if env.action_dim > pc.action_dim:
         problems.append(f"env action_dim {env.action_dim} > policy action_dim {pc.action_dim}")
@@ -519,8 +519,8 @@ def _train(cfg: TrainConfig, resume: bool, log: Any, opened: list[Any]) -> dict[
         ga = cfg.algo.grad_accum
         # every rank takes the same number of optimizer steps (each one reduces the gradients over the ranks).
         # GRPO's batch is its envs' episodes, of rank-dependent lengths: it splits every rank's batch into the
-        # same number of minibatches itself (GRPO.minibatches); an algorithm that does not has a rank with more
-        # minibatches than another leave its extra ones out (the metric minibatches_skipped)
+        # same number of minibatches itself (GRPO.minibatches). Should another algorithm's ranks still differ,
+        # every rank takes the smallest count and leaves its extra minibatches out (the metric minibatches_skipped)
         own = algo.num_minibatches(batch)
         count = _min_over_ranks(own, world)
         tail = count % ga

@@ -34,22 +34,15 @@ def to_policy_obs(obs: EnvObs, policy: Any) -> Any:
     from flowrl.models import Observation
 
     cfg = policy.config
-    state = obs.state
-    if cfg.variant != "pi0":  # π0.5 takes no state input (see the README's note on π0.5 and the state)
-        return Observation(images=obs.images, image_masks=obs.image_masks, tokens=obs.tokens,
-                           token_masks=obs.token_masks, state=None)
-    if state.shape[1] > cfg.max_state_dim:
-        raise ValueError(f"the env's state has {state.shape[1]} dims, more than the policy's "
-                         f"max_state_dim={cfg.max_state_dim}")
-    pad = torch.zeros(state.shape[0], cfg.max_state_dim - state.shape[1], dtype=state.dtype, device=state.device)
-    state = torch.cat([state, pad], dim=1)
-    return Observation(
-        images=obs.images,
-        image_masks=obs.image_masks,
-        tokens=obs.tokens,
-        token_masks=obs.token_masks,
-        state=state if cfg.variant == "pi0" else None,
-    )
+    state = None  # π0.5 takes no state input (see the README's note on π0.5 and the state)
+    if cfg.variant == "pi0":
+        state = obs.state
+        if state.shape[1] > cfg.max_state_dim:
+            raise ValueError(f"the env's state has {state.shape[1]} dims, more than the policy's "
+                             f"max_state_dim={cfg.max_state_dim}")
+        state = torch.nn.functional.pad(state, (0, cfg.max_state_dim - state.shape[1]))
+    return Observation(images=obs.images, image_masks=obs.image_masks, tokens=obs.tokens,
+                       token_masks=obs.token_masks, state=state)
 
 
 def masks_for(env: VecEnv, policy: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
